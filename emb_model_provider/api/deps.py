@@ -1,0 +1,31 @@
+"""Typed dependencies: routes take the serving objects that ``main.create_app`` put on app.state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from emb_model_provider.services.embedding_service import EmbeddingService
+from emb_model_provider.services.models import ModelManager
+from emb_model_provider.services.readiness import Readiness
+
+
+def _service(request: Request) -> EmbeddingService:
+    service: EmbeddingService = request.app.state.embedding_service
+    return service
+
+
+def _models(request: Request) -> ModelManager:
+    models: ModelManager = request.app.state.models
+    return models
+
+
+def _readiness(request: Request) -> Readiness:
+    readiness: Readiness = request.app.state.readiness
+    return readiness
+
+
+ServiceDep = Annotated[EmbeddingService, Depends(_service)]
+ModelsDep = Annotated[ModelManager, Depends(_models)]
+ReadinessDep = Annotated[Readiness, Depends(_readiness)]

@@ -1,0 +1,62 @@
+"""POST /v1/embeddings: parse, hand to the service, return its body."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Request, Response
+
+from emb_model_provider.api.deps import ServiceDep
+from emb_model_provider.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse
+
+router = APIRouter()
+
+T = TypeVar("T")
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorResponse} for status in (400, 404, 429, 500, 503)
+}
+
+
+async def drop_if_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run ``work``, or cancel it and return None when the client goes away first, so that its
+    queued inputs are skipped by the batcher.
+
+    The body has been read already, so the next ``receive()`` only returns when the client
+    disconnects (or the response is done); uvicorn reports ``http.disconnect`` then.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+    finally:
+        watcher.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingResponse,
+    responses=_ERRORS,
+    summary="Creates an embedding vector representing the input text.",
+)
+async def create_embeddings(
+    body: EmbeddingRequest, request: Request, service: ServiceDep
+) -> Response:
+    content = await drop_if_disconnected(request, service.create(body))
+    if content is None:  # nobody is listening; 499 is nginx's "client closed request"
+        return Response(status_code=499)
+    return Response(content=content, media_type="application/json")

@@ -1,0 +1,137 @@
+"""The one mapping from exceptions to OpenAI's error body and status code.
+
+``{"error": {"message", "type", "param", "code"}}`` for every failure, FastAPI's own included:
+a body that does not validate is OpenAI's 400 ``invalid_request_error`` (never FastAPI's 422
+``{"detail": ...}``), with ``param`` taken from the pydantic location.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from emb_model_provider.core.errors import ProviderError
+
+logger = logging.getLogger(__name__)
+
+_INPUT_SHAPES = (
+    "a non-empty string, an array of non-empty strings, an array of integers (token ids) or an "
+    "array of non-empty arrays of integers"
+)
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _provider_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProviderError)
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return error_response(
+        exc.status_code, exc.message, type_=exc.type, param=exc.param, code=exc.code, headers=headers
+    )
+
+
+def _path(loc: Sequence[Any]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not text:
+            text = str(part)
+        elif part.startswith(("list[", "str", "int", "function-")) or "[" in part:
+            continue  # pydantic names the union member it tried; users did not write those
+        else:
+            text += f".{part}"
+    return text
+
+
+def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
+    """A readable message and the ``param`` for a failed request body."""
+    first = errors[0]
+    loc = list(first.get("loc", ()))
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    if first.get("type") == "json_invalid":
+        return (
+            "We could not parse the JSON body of your request. The API expects a JSON payload, "
+            f"but what was sent was not valid JSON ({first.get('ctx', {}).get('error', 'invalid')}).",
+            None,
+        )
+    if not loc:
+        return ("The request body must be a JSON object with 'model' and 'input'.", None)
+    param = str(loc[0])
+    if first.get("type") == "missing":
+        return (f"Missing required parameter: '{param}'.", param)
+    if param == "input":
+        if any(error.get("type") == "string_too_short" for error in errors):
+            where = next(
+                _path(e["loc"][1:]) for e in errors if e.get("type") == "string_too_short"
+            )
+            return (f"Invalid value for '{where}': it cannot be an empty string.", param)
+        if any(error.get("type") == "too_short" and len(error["loc"]) <= 3 for error in errors):
+            return ("Invalid value for 'input': it cannot be an empty array.", param)
+        return (f"Invalid type for 'input': expected {_INPUT_SHAPES}.", param)
+    return (f"Invalid value for '{_path(loc)}': {first.get('msg', 'invalid')}.", param)
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, param = validation_message(list(exc.errors()))
+    return error_response(400, message, type_="invalid_request_error", param=param)
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return error_response(
+        exc.status_code,
+        message,
+        type_="invalid_request_error",
+        headers=dict(exc.headers) if exc.headers else None,
+    )
+
+
+def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    logger.error(
+        "unhandled error in %s %s (request %s)",
+        request.method,
+        request.url.path,
+        request_id,
+        exc_info=exc,
+    )
+    return error_response(
+        500,
+        f"The server had an error while processing your request (request id {request_id}).",
+        type_="server_error",
+        code="internal_error",
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ProviderError, _provider_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

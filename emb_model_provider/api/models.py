@@ -1,0 +1,38 @@
+"""GET /v1/models and /v1/models/{model}: OpenAI's Model objects plus gateway extensions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from emb_model_provider.api.deps import ModelsDep
+from emb_model_provider.protocol import ErrorResponse, ModelCard, ModelList
+from emb_model_provider.registry import ModelSpec
+from emb_model_provider.services.models import ModelManager
+
+router = APIRouter()
+
+
+def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
+    loaded = models.loaded(spec.name)
+    return ModelCard(
+        id=spec.name,
+        created=spec.created,
+        owned_by=spec.owned_by,
+        modality=spec.modality,
+        dimensions=loaded.encoder.dimensions if loaded else spec.dimensions,
+        max_input_tokens=loaded.encoder.max_input_tokens if loaded else spec.max_input_tokens,
+        loaded=loaded is not None,
+        aliases=list(spec.aliases),
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(models: ModelsDep) -> ModelList:
+    return ModelList(data=[_card(spec, models) for spec in models.registry])
+
+
+@router.get(
+    "/v1/models/{model:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}}
+)
+async def retrieve_model(model: str, models: ModelsDep) -> ModelCard:
+    return _card(models.registry.get(model), models)

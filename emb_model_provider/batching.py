@@ -1,0 +1,164 @@
+"""Dynamic batching: inputs from concurrent requests are merged into full batches.
+
+One worker thread per model takes everything that is waiting, sorts it by length (less padding),
+cuts batches by count (``max_batch_size``) and by padded tokens (longest x count <=
+``max_batch_tokens``, as text-embeddings-inference does), and runs the encoder on each. Each input
+has its own future, so a failure reaches only its own request: a batch that raises is split in
+halves and retried until the failing input is alone. While the model is busy, new inputs gather,
+so the next batch is full without any artificial wait. The queue is bounded: a request that would
+overflow it is refused before anything is queued. Inputs whose future is already done (the client
+went away) are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from emb_model_provider.core.errors import Internal, NotReady, Overloaded, ProviderError
+from emb_model_provider.encoders.base import PreparedInput, Vectors
+
+logger = logging.getLogger(__name__)
+
+#: How many batches' worth of waiting inputs one round sorts together; bounds how long an input
+#: that arrived during a round can wait behind it.
+_ROUND_BATCHES = 8
+
+
+@dataclass(slots=True)
+class _Item:
+    prepared: PreparedInput
+    future: asyncio.Future[Vectors]
+    loop: asyncio.AbstractEventLoop
+
+
+def _resolve(future: asyncio.Future[Vectors], result: Vectors | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        name: str,
+        encode: Callable[[Sequence[PreparedInput]], Vectors],
+        *,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_queue_inputs: int,
+    ) -> None:
+        self.name = name
+        self._encode = encode
+        self._max_batch_size = max_batch_size
+        self._max_batch_tokens = max_batch_tokens
+        self._max_queue_inputs = max_queue_inputs
+        self._pending: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_inputs(self) -> int:
+        return len(self._pending)
+
+    async def embed(self, inputs: Sequence[PreparedInput]) -> list[Vectors]:
+        """One vector per input, in order. Cancelling the caller drops its queued inputs."""
+        loop = asyncio.get_running_loop()
+        items = [_Item(p, loop.create_future(), loop) for p in inputs]
+        with self._cond:
+            if self._stopping:
+                raise NotReady(f"model {self.name} is shutting down", code="shutting_down")
+            if len(self._pending) + len(items) > self._max_queue_inputs:
+                raise Overloaded(
+                    f"The server is overloaded: {len(self._pending)} inputs are waiting for model "
+                    f"{self.name} (limit {self._max_queue_inputs}). Retry after a short wait.",
+                    retry_after_s=1,
+                )
+            self._pending.extend(items)
+            self._cond.notify()
+        try:
+            return list(await asyncio.gather(*(item.future for item in items)))
+        finally:
+            for item in items:  # after an error or cancellation, the rest need not run
+                item.future.cancel()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    # -- worker thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    leftover = list(self._pending)
+                    self._pending.clear()
+                    break
+                take = min(len(self._pending), self._max_batch_size * _ROUND_BATCHES)
+                round_items = [self._pending.popleft() for _ in range(take)]
+            for batch in self._cut(round_items):
+                self._run_batch(batch)
+        for item in leftover:
+            self._deliver(item, NotReady(f"model {self.name} is shutting down", code="shutting_down"))
+
+    def _cut(self, items: list[_Item]) -> list[list[_Item]]:
+        live = sorted(
+            (item for item in items if not item.future.done()),
+            key=lambda item: item.prepared.n_tokens,
+        )
+        batches: list[list[_Item]] = []
+        current: list[_Item] = []
+        for item in live:  # ascending length: the newest item is the longest of its batch
+            padded = item.prepared.n_tokens * (len(current) + 1)
+            if current and (
+                len(current) >= self._max_batch_size or padded > self._max_batch_tokens
+            ):
+                batches.append(current)
+                current = []
+            current.append(item)
+        if current:
+            batches.append(current)
+        return batches
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        batch = [item for item in batch if not item.future.done()]
+        if not batch:
+            return
+        try:
+            vectors = self._encode([item.prepared for item in batch])
+        except Exception as exc:  # noqa: BLE001 - any encoder failure must reach only its owner
+            if len(batch) > 1:
+                logger.warning(
+                    "batch of %d for %s failed (%s); retrying in halves", len(batch), self.name, exc
+                )
+                middle = len(batch) // 2
+                self._run_batch(batch[:middle])
+                self._run_batch(batch[middle:])
+                return
+            logger.exception("input failed in model %s", self.name)
+            error: ProviderError = Internal(f"The model {self.name} failed on this input: {exc}")
+            self._deliver(batch[0], error)
+            return
+        for row, item in enumerate(batch):
+            self._deliver(item, vectors[row])
+
+    @staticmethod
+    def _deliver(item: _Item, result: Vectors | BaseException) -> None:
+        try:
+            item.loop.call_soon_threadsafe(_resolve, item.future, result)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass

@@ -1,0 +1,102 @@
+"""``emb-model-provider serve``: settings from flags, then ``EMB_PROVIDER_*``/.env, then defaults.
+
+A setting that cannot work stops the start with one line that names it, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from emb_model_provider import __version__
+from emb_model_provider.core.config import Settings, env_name
+from emb_model_provider.core.errors import ConfigError
+
+#: flag -> Settings field, for ``serve``.
+_SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--host": ("host", str, "interface to bind (EMB_PROVIDER_HOST, default 127.0.0.1)"),
+    "--port": ("port", str, "TCP port (EMB_PROVIDER_PORT, default 9000)"),
+    "--default-model": ("default_model", str, "model loaded at start-up"),
+    "--device": ("device", str, "auto | cpu | cuda | cuda:N | mps"),
+    "--dtype": ("dtype", str, "auto | float32 | float16 | bfloat16"),
+    "--log-level": ("log_level", str, "debug | info | warning | error | critical"),
+    "--models-file": ("models_file", str, "YAML file that adds or overrides models"),
+    "--max-batch-size": ("max_batch_size", str, "inputs per forward pass"),
+    "--cache-dir": ("cache_dir", str, "Hugging Face hub cache directory"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emb-model-provider", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible embeddings API")
+    for flag, (_, kind, help_text) in _SERVE_FLAGS.items():
+        serve.add_argument(flag, type=kind, help=help_text)
+    return parser
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"emb-model-provider: {message}\n")
+    return 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for flag, (field, _, _) in _SERVE_FLAGS.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            overrides[field] = value
+    return Settings(**overrides)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    value = first.get("input")
+    shown = f"={value!r}" if isinstance(value, (str, int, float)) else ""
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"invalid setting {env_name(field)}{shown}: {message}"
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        return _fail(_describe(exc))
+
+    from emb_model_provider.core.logging import configure_logging
+
+    configure_logging(settings.log_level)
+    import uvicorn
+
+    from emb_model_provider.main import create_app
+
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        return _fail(f"invalid setting {exc.setting}: {exc.message}")
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return _fail(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

