@@ -6,7 +6,7 @@ cuts batches by count (``max_batch_size``) and by padded tokens (longest x count
 has its own future, so a failure reaches only its own request: a batch that raises is split in
 halves and retried until the failing input is alone. While the model is busy, new inputs gather,
 so the next batch is full without any artificial wait. The queue is bounded: a request that would
-overflow it is refused before anything is queued. Inputs whose future is already done (the client
+overflow it is refused before anything is queued. Stopping finishes what was accepted. Inputs whose future is already done (the client
 went away) are skipped.
 """
 
@@ -27,6 +27,17 @@ logger = logging.getLogger(__name__)
 #: How many batches' worth of waiting inputs one round sorts together; bounds how long an input
 #: that arrived during a round can wait behind it.
 _ROUND_BATCHES = 8
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    """Counters for metrics and tests; written by the worker thread only."""
+
+    batches: int = 0
+    encoded_inputs: int = 0
+    #: Inputs dropped before they ran because their request was gone (client disconnected).
+    skipped_inputs: int = 0
+    failed_inputs: int = 0
 
 
 @dataclass(slots=True)
@@ -63,6 +74,7 @@ class DynamicBatcher:
         self._pending: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self.stats = BatcherStats()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -91,7 +103,8 @@ class DynamicBatcher:
             for item in items:  # after an error or cancellation, the rest need not run
                 item.future.cancel()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new inputs, finish the accepted ones, end the worker."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -104,22 +117,15 @@ class DynamicBatcher:
             with self._cond:
                 while not self._pending and not self._stopping:
                     self._cond.wait()
-                if self._stopping:
-                    leftover = list(self._pending)
-                    self._pending.clear()
+                if not self._pending:  # stopping, and everything accepted has been answered
                     break
                 take = min(len(self._pending), self._max_batch_size * _ROUND_BATCHES)
                 round_items = [self._pending.popleft() for _ in range(take)]
             for batch in self._cut(round_items):
                 self._run_batch(batch)
-        for item in leftover:
-            self._deliver(item, NotReady(f"model {self.name} is shutting down", code="shutting_down"))
 
     def _cut(self, items: list[_Item]) -> list[list[_Item]]:
-        live = sorted(
-            (item for item in items if not item.future.done()),
-            key=lambda item: item.prepared.n_tokens,
-        )
+        live = sorted(items, key=lambda item: item.prepared.n_tokens)
         batches: list[list[_Item]] = []
         current: list[_Item] = []
         for item in live:  # ascending length: the newest item is the longest of its batch
@@ -135,7 +141,9 @@ class DynamicBatcher:
         return batches
 
     def _run_batch(self, batch: list[_Item]) -> None:
-        batch = [item for item in batch if not item.future.done()]
+        live = [item for item in batch if not item.future.done()]
+        self.stats.skipped_inputs += len(batch) - len(live)
+        batch = live
         if not batch:
             return
         try:
@@ -151,8 +159,11 @@ class DynamicBatcher:
                 return
             logger.exception("input failed in model %s", self.name)
             error: ProviderError = Internal(f"The model {self.name} failed on this input: {exc}")
+            self.stats.failed_inputs += 1
             self._deliver(batch[0], error)
             return
+        self.stats.batches += 1
+        self.stats.encoded_inputs += len(batch)
         for row, item in enumerate(batch):
             self._deliver(item, vectors[row])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 import orjson
@@ -52,8 +52,8 @@ class EmbeddingRequest(BaseModel):
         if isinstance(value, str):
             return [value]
         if value and isinstance(value[0], int):
-            return [value]  # type: ignore[list-item]
-        return value  # type: ignore[return-value]
+            return [value]
+        return cast(list[str] | list[list[int]], value)
 
 
 class Usage(BaseModel):

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from emb_model_provider.core.config import Settings
 from emb_model_provider.main import create_app
@@ -22,7 +23,18 @@ def test_settings(**overrides: object) -> Settings:
 
 
 @contextmanager
-def live_server(settings: Settings, *, wait_ready: bool = True, deadline_s: float = 180) -> Iterator[str]:
+def live_server(
+    settings: Settings, *, wait_ready: bool = True, deadline_s: float = 180
+) -> Iterator[str]:
+    with live_app(settings, wait_ready=wait_ready, deadline_s=deadline_s) as (url, _):
+        yield url
+
+
+@contextmanager
+def live_app(
+    settings: Settings, *, wait_ready: bool = True, deadline_s: float = 180
+) -> Iterator[tuple[str, FastAPI]]:
+    """The server's URL and its app (whose state tests may read, never replace)."""
     app = create_app(settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -35,7 +47,7 @@ def live_server(settings: Settings, *, wait_ready: bool = True, deadline_s: floa
     base_url = f"http://127.0.0.1:{port}"
     try:
         _wait(base_url, "/ready" if wait_ready else "/health", deadline_s, server, thread)
-        yield base_url
+        yield base_url, app
     finally:
         server.should_exit = True
         thread.join(30)
@@ -59,3 +71,6 @@ def _wait(base_url: str, path: str, deadline_s: float, server: uvicorn.Server, t
                     last = repr(exc)
             time.sleep(0.05)  # polling interval while waiting on a deadline, not a fixed wait
     raise TimeoutError(f"{base_url}{path} not ready after {deadline_s} s: {last}")
+
+
+test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test

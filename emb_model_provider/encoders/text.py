@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
@@ -85,7 +85,7 @@ class TextEncoder:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         tokenizer: Tokenizer,
         *,
         max_input_tokens: int,
@@ -178,7 +178,7 @@ def load_text_encoder(
     dtype = _DTYPES[options.dtype]
     if options.num_threads > 0:
         torch.set_num_threads(options.num_threads)
-    hf_logging.disable_progress_bar()
+    cast(Callable[[], None], hf_logging.disable_progress_bar)()  # untyped in transformers
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(str(config.transformer_dir))
         model = AutoModel.from_pretrained(str(config.transformer_dir), dtype=dtype)

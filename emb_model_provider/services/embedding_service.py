@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -66,8 +67,8 @@ class EmbeddingService:
 
     async def _texts(self, inputs: list[str] | list[list[int]]) -> list[str]:
         if not inputs or isinstance(inputs[0], str):
-            return inputs  # type: ignore[return-value]
-        arrays: list[list[int]] = inputs  # type: ignore[assignment]
+            return cast(list[str], inputs)
+        arrays = inputs
         if sum(len(tokens) for tokens in arrays) <= _INLINE_DECODE_TOKENS:
             return decode_token_arrays(arrays)
         return await asyncio.to_thread(decode_token_arrays, arrays)
@@ -103,7 +104,8 @@ class EmbeddingService:
 
 
 def _stack(rows: list[Vectors]) -> Vectors:
-    return np.stack(rows).astype(np.float32, copy=False)
+    stacked: Vectors = np.stack(rows).astype(np.float32, copy=False)
+    return stacked
 
 
 def _shorten(vectors: Vectors, dimensions: int, *, renormalize: bool) -> Vectors:
@@ -112,4 +114,5 @@ def _shorten(vectors: Vectors, dimensions: int, *, renormalize: bool) -> Vectors
     if not renormalize:
         return np.ascontiguousarray(head)
     norms = np.linalg.norm(head, axis=1, keepdims=True)
-    return (head / np.maximum(norms, 1e-12)).astype(np.float32)
+    unit: Vectors = (head / np.maximum(norms, 1e-12)).astype(np.float32)
+    return unit

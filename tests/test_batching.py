@@ -1,0 +1,209 @@
+"""The dynamic batcher with a plain encode function: merging, order, budgets, failures, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from emb_model_provider.batching import DynamicBatcher
+from emb_model_provider.core.errors import Internal, NotReady, Overloaded
+from emb_model_provider.encoders.base import PreparedInput, Vectors
+
+DEADLINE_S = 30
+
+
+class RecordingEncoder:
+    """Encodes payload ``k`` as the vector [k, n_tokens]; can hold a batch until released."""
+
+    def __init__(self, *, hold_first: bool = False, poison: object = None) -> None:
+        self.batches: list[list[object]] = []
+        self.shapes: list[tuple[int, int]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.poison = poison
+
+    def __call__(self, batch: Sequence[PreparedInput]) -> Vectors:
+        self.batches.append([item.payload for item in batch])
+        self.shapes.append((len(batch), max(item.n_tokens for item in batch)))
+        self.started.set()
+        assert self.release.wait(DEADLINE_S)
+        if self.poison is not None and any(item.payload == self.poison for item in batch):
+            raise ValueError("poisoned input")
+        return np.array(
+            [[float(item.payload), float(item.n_tokens)] for item in batch],  # type: ignore[arg-type]
+            dtype=np.float32,
+        )
+
+
+def _inputs(*lengths: int, start: int = 0) -> list[PreparedInput]:
+    return [PreparedInput(payload=start + i, n_tokens=n) for i, n in enumerate(lengths)]
+
+
+def _batcher(encoder: RecordingEncoder, **limits: int) -> DynamicBatcher:
+    values = {"max_batch_size": 4, "max_batch_tokens": 1000, "max_queue_inputs": 100, **limits}
+    return DynamicBatcher("test", encoder, **values)
+
+
+async def _wait_started(encoder: RecordingEncoder) -> None:
+    assert await asyncio.to_thread(encoder.started.wait, DEADLINE_S)
+
+
+def test_results_come_back_in_input_order() -> None:
+    encoder = RecordingEncoder()
+    batcher = _batcher(encoder)
+
+    async def run() -> list[Vectors]:
+        return await batcher.embed(_inputs(9, 1, 5, 3, 7, 2))
+
+    try:
+        rows = asyncio.run(run())
+    finally:
+        batcher.stop()
+    assert [row[0] for row in rows] == [0, 1, 2, 3, 4, 5]
+    assert [row[1] for row in rows] == [9, 1, 5, 3, 7, 2]
+    # Sorted by length before cutting: batches hold neighbours in length.
+    assert encoder.batches == [[1, 5, 3, 2], [4, 0]]
+
+
+def test_concurrent_requests_are_merged_while_the_model_is_busy() -> None:
+    encoder = RecordingEncoder(hold_first=True)
+    batcher = _batcher(encoder, max_batch_size=32)
+
+    async def run() -> list[list[Vectors]]:
+        first = asyncio.ensure_future(batcher.embed(_inputs(3)))
+        await _wait_started(encoder)  # the model is busy with the first request
+        others = [asyncio.ensure_future(batcher.embed(_inputs(4, start=10 + i))) for i in range(20)]
+        while batcher.queued_inputs < 20:
+            await asyncio.sleep(0)
+        encoder.release.set()
+        return await asyncio.gather(first, *others)
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        batcher.stop()
+    assert [len(batch) for batch in encoder.batches] == [1, 20]
+    assert [result[0][0] for result in results] == [0, *range(10, 30)]
+
+
+def test_batches_respect_the_size_and_padded_token_budget() -> None:
+    encoder = RecordingEncoder()
+    batcher = _batcher(encoder, max_batch_size=8, max_batch_tokens=100)
+    lengths = [10, 50, 30, 20, 25, 60, 5, 40, 45, 15, 33, 12]
+
+    async def run() -> list[Vectors]:
+        return await batcher.embed(_inputs(*lengths))
+
+    try:
+        rows = asyncio.run(run())
+    finally:
+        batcher.stop()
+    assert [int(row[1]) for row in rows] == lengths
+    assert sum(count for count, _ in encoder.shapes) == len(lengths)
+    for count, longest in encoder.shapes:
+        assert count <= 8
+        assert count * longest <= 100 or count == 1
+
+
+def test_a_bad_input_fails_only_its_own_request() -> None:
+    encoder = RecordingEncoder(hold_first=True, poison=13)
+    batcher = _batcher(encoder, max_batch_size=16)
+
+    async def run() -> list[object]:
+        blocker = asyncio.ensure_future(batcher.embed(_inputs(1, start=100)))
+        await _wait_started(encoder)
+        good = [asyncio.ensure_future(batcher.embed(_inputs(5, start=i))) for i in range(10)]
+        bad = asyncio.ensure_future(batcher.embed(_inputs(5, 5, start=13)))
+        while batcher.queued_inputs < 12:
+            await asyncio.sleep(0)
+        encoder.release.set()
+        return await asyncio.gather(blocker, *good, bad, return_exceptions=True)
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        batcher.stop()
+    *ok, failed = results
+    assert all(isinstance(result, list) for result in ok)
+    assert [result[0][0] for result in ok[1:]] == list(range(10))  # type: ignore[index]
+    assert isinstance(failed, Internal)
+    assert "poisoned input" in failed.message
+    assert batcher.stats.failed_inputs == 1
+
+
+def test_a_full_queue_refuses_before_queueing() -> None:
+    encoder = RecordingEncoder(hold_first=True)
+    batcher = _batcher(encoder, max_queue_inputs=10)
+
+    async def run() -> None:
+        first = asyncio.ensure_future(batcher.embed(_inputs(1)))
+        await _wait_started(encoder)
+        queued = asyncio.ensure_future(batcher.embed(_inputs(*[1] * 8)))
+        while batcher.queued_inputs < 8:
+            await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.embed(_inputs(1, 1, 1))
+        assert refused.value.retry_after_s == 1
+        assert batcher.queued_inputs == 8  # nothing of the refused request was queued
+        encoder.release.set()
+        await asyncio.gather(first, queued)
+
+    try:
+        asyncio.run(run())
+    finally:
+        batcher.stop()
+
+
+def test_cancelled_requests_are_skipped() -> None:
+    encoder = RecordingEncoder(hold_first=True)
+    batcher = _batcher(encoder)
+
+    async def run() -> None:
+        first = asyncio.ensure_future(batcher.embed(_inputs(1)))
+        await _wait_started(encoder)
+        gone = asyncio.ensure_future(batcher.embed(_inputs(2, 2, 2, start=50)))
+        kept = asyncio.ensure_future(batcher.embed(_inputs(3, start=60)))
+        while batcher.queued_inputs < 4:
+            await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        encoder.release.set()
+        await asyncio.gather(first, kept)
+
+    try:
+        asyncio.run(run())
+    finally:
+        batcher.stop()
+    seen = [payload for batch in encoder.batches for payload in batch]
+    assert 60 in seen
+    assert not {50, 51, 52} & set(seen)
+    assert batcher.stats.skipped_inputs == 3
+
+
+def test_stop_finishes_accepted_inputs_and_refuses_new_ones() -> None:
+    encoder = RecordingEncoder(hold_first=True)
+    batcher = _batcher(encoder)
+
+    async def run() -> object:
+        first = asyncio.ensure_future(batcher.embed(_inputs(1)))
+        await _wait_started(encoder)
+        waiting = asyncio.ensure_future(batcher.embed(_inputs(2)))
+        while batcher.queued_inputs < 1:
+            await asyncio.sleep(0)
+        stopper = asyncio.ensure_future(asyncio.to_thread(batcher.stop))
+        encoder.release.set()
+        await stopper
+        await first
+        return (await asyncio.gather(waiting, return_exceptions=True))[0]
+
+    outcome = asyncio.run(run())
+    assert isinstance(outcome, list)
+    assert outcome[0][0] == 0
+    with pytest.raises(NotReady):
+        asyncio.run(batcher.embed(_inputs(1)))
