@@ -6,13 +6,15 @@ cuts batches by count (``max_batch_size``) and by padded tokens (longest x count
 has its own future, so a failure reaches only its own request: a batch that raises is split in
 halves and retried until the failing input is alone. While the model is busy, new inputs gather,
 so the next batch is full without any artificial wait. The queue is bounded: a request that would
-overflow it is refused before anything is queued. Stopping finishes what was accepted. Inputs whose future is already done (the client
+overflow it is refused before anything is queued. Stopping finishes what was
+accepted. Inputs whose future is already done (the client
 went away) are skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -148,7 +150,7 @@ class DynamicBatcher:
             return
         try:
             vectors = self._encode([item.prepared for item in batch])
-        except Exception as exc:  # noqa: BLE001 - any encoder failure must reach only its owner
+        except Exception as exc:
             if len(batch) > 1:
                 logger.warning(
                     "batch of %d for %s failed (%s); retrying in halves", len(batch), self.name, exc
@@ -169,7 +171,5 @@ class DynamicBatcher:
 
     @staticmethod
     def _deliver(item: _Item, result: Vectors | BaseException) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             item.loop.call_soon_threadsafe(_resolve, item.future, result)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass

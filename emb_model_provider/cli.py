@@ -6,8 +6,10 @@ A setting that cannot work stops the start with one line that names it, never a 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 from pydantic import ValidationError
@@ -69,17 +71,20 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         return _fail(_describe(exc))
 
-    from emb_model_provider.core.logging import configure_logging
-
-    configure_logging(settings.log_level)
     import uvicorn
 
+    from emb_model_provider.core.logging import configure_logging
     from emb_model_provider.main import create_app
 
     try:
         app = create_app(settings)
     except ConfigError as exc:
         return _fail(f"invalid setting {exc.setting}: {exc.message}")
+    # Logging starts once the settings are known to work, so that a bad one is reported in one
+    # line, not after INFO lines from the checks that ran before it.
+    configure_logging(settings.log_level)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_after_shutdown)
     uvicorn.run(
         app,
         host=settings.host,
@@ -89,6 +94,17 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
     )
     return 0
+
+
+def _exit_after_shutdown(signum: int, frame: FrameType | None) -> None:
+    """Exit 0 once uvicorn has shut down on SIGINT/SIGTERM.
+
+    uvicorn (>= 0.29, ``Server.capture_signals``) shuts down gracefully, restores the handlers it
+    found and raises the signal again; with Python's defaults the process would then die of
+    SIGTERM (exit status 143) or print a KeyboardInterrupt traceback after a clean shutdown.
+    Installed just before ``uvicorn.run``, so a signal during start-up also ends the process.
+    """
+    raise SystemExit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

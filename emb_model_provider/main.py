@@ -33,7 +33,8 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.default_model not in registry:
         known = ", ".join(spec.name for spec in registry)
         raise ConfigError(
-            "EMB_PROVIDER_DEFAULT_MODEL", f"unknown model {settings.default_model!r} (known: {known})"
+            "EMB_PROVIDER_DEFAULT_MODEL",
+            f"unknown model {settings.default_model!r} (known: {known})",
         )
     default_spec = registry.get(settings.default_model)
     placement = resolve_placement(settings.device, settings.dtype)

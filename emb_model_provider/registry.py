@@ -26,7 +26,6 @@ Modality = Literal["text", "image"]
 Pooling = Literal["mean", "cls", "max"]
 
 
-
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -95,7 +94,7 @@ def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
 
 
 class _ModelEntry(BaseModel):
-    """One entry of the models file, validated strictly so that a typo is an error, not a default."""
+    """One entry of the models file, validated strictly: a typo is an error, not a default."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -121,35 +120,55 @@ def load_models_file(path: Path) -> list[ModelSpec]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(setting, f"cannot read {path}: {exc}".replace("\n", " ")) from exc
+        # PyYAML's messages span lines; the start-up error is one line.
+        raise ConfigError(setting, " ".join(f"cannot read {path}: {exc}".split())) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            setting, f"{path}: expected a mapping with a `models:` list, got {type(raw).__name__}"
+        )
     try:
         parsed = _ModelsFile.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(setting, f"{path}: {where}: {first['msg']}") from exc
-    specs = []
-    for entry in parsed.models:
-        source = entry.source
-        if not source.startswith(PACKAGE_SOURCE_PREFIX) and source.startswith(("/", ".", "~")):
-            # Relative paths are taken from the models file's folder, as users expect.
-            local = Path(source).expanduser()
-            source = str(local if local.is_absolute() else (path.parent / local).resolve())
-        specs.append(
-            ModelSpec(
-                name=entry.name,
-                source=source,
-                modality=entry.modality,
-                aliases=tuple(entry.aliases),
-                revision=entry.revision,
-                max_input_tokens=entry.max_input_tokens,
-                pooling=entry.pooling,
-                normalize=entry.normalize,
-                dimensions=entry.dimensions,
-                owned_by=entry.owned_by,
-            )
+        # All the errors, so that a misspelt key shows as "not permitted", not only as the
+        # missing key it was meant to be.
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
         )
-    return specs
+        raise ConfigError(setting, f"{path}: {problems}") from exc
+    return [
+        ModelSpec(
+            name=entry.name,
+            source=_source_beside(entry.source, path.parent),
+            modality=entry.modality,
+            aliases=tuple(entry.aliases),
+            revision=entry.revision,
+            max_input_tokens=entry.max_input_tokens,
+            pooling=entry.pooling,
+            normalize=entry.normalize,
+            dimensions=entry.dimensions,
+            owned_by=entry.owned_by,
+        )
+        for entry in parsed.models
+    ]
+
+
+def _source_beside(source: str, folder: Path) -> str:
+    """Relative paths are taken from the models file's folder, as users expect.
+
+    ``./m``, ``../m`` and ``m/sub`` that exists beside the file are local folders; anything else
+    without a leading ``/``, ``.`` or ``~`` (``org/name``) is a hub id. Without this a relative
+    path would be read from the server's working directory, or sent to the hub as an id.
+    """
+    if source.startswith(PACKAGE_SOURCE_PREFIX):
+        return source
+    local = Path(source).expanduser()
+    if local.is_absolute():
+        return str(local)
+    beside = folder / local
+    if source.startswith(".") or beside.is_dir():
+        return str(beside.resolve())
+    return source
 
 
 class Registry:

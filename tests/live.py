@@ -54,7 +54,9 @@ def live_app(
         sock.close()
 
 
-def _wait(base_url: str, path: str, deadline_s: float, server: uvicorn.Server, thread: threading.Thread) -> None:
+def _wait(
+    base_url: str, path: str, deadline_s: float, server: uvicorn.Server, thread: threading.Thread
+) -> None:
     deadline = time.monotonic() + deadline_s
     last = "no answer"
     with httpx.Client(base_url=base_url, timeout=5) as client:

@@ -1,4 +1,4 @@
-"""The bundled model through a live server and the real OpenAI SDK, against sentence-transformers."""
+"""The bundled model through a live server and the real OpenAI SDK, vs sentence-transformers."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def _vectors(response: openai.types.CreateEmbeddingResponse) -> np.ndarray:
 
 def _assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
     assert ours.shape == ref.shape
-    cosine = np.sum(ours * ref, axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = np.sum(ours * ref, axis=1) / (
+        np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1)
+    )
     assert cosine.min() >= 0.99999, cosine
     np.testing.assert_allclose(ours, ref, atol=2e-5)
 
@@ -71,7 +73,9 @@ def test_single_input_matches_sentence_transformers(
 def test_alias_serves_the_same_model(client: openai.OpenAI) -> None:
     by_name = _vectors(client.embeddings.create(model=DEFAULT_MODEL, input="alias check"))
     by_alias = _vectors(
-        client.embeddings.create(model="sentence-transformers/all-MiniLM-L6-v2", input="alias check")
+        client.embeddings.create(
+            model="sentence-transformers/all-MiniLM-L6-v2", input="alias check"
+        )
     )
     np.testing.assert_array_equal(by_name, by_alias)
 
@@ -134,7 +138,10 @@ def test_batch_equals_single(client: openai.OpenAI) -> None:
 def test_64_concurrent_clients_get_their_own_vectors(
     server_url: str, reference: SentenceTransformer
 ) -> None:
-    texts = [f"client {i} asks about topic number {i * 7 % 13}: " + "detail " * (i % 9) for i in range(64)]
+    texts = [
+        f"client {i} asks about topic number {i * 7 % 13}: " + "detail " * (i % 9)
+        for i in range(64)
+    ]
     ref = reference.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
 
     def one(i: int) -> np.ndarray:
@@ -146,7 +153,9 @@ def test_64_concurrent_clients_get_their_own_vectors(
     _assert_close(got, ref)
 
 
-def test_async_client_batches_many_requests(server_url: str, reference: SentenceTransformer) -> None:
+def test_async_client_batches_many_requests(
+    server_url: str, reference: SentenceTransformer
+) -> None:
     import asyncio
 
     texts = [f"async request {i} " + "x " * (i % 17) for i in range(96)]
@@ -160,5 +169,7 @@ def test_async_client_batches_many_requests(server_url: str, reference: Sentence
 
     got = asyncio.run(run())
     for text, vectors in zip(texts, got, strict=True):
-        ref = reference.encode([text, text.upper()], normalize_embeddings=True, convert_to_numpy=True)
+        ref = reference.encode(
+            [text, text.upper()], normalize_embeddings=True, convert_to_numpy=True
+        )
         _assert_close(vectors, ref)

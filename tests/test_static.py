@@ -21,7 +21,12 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
             pytest.fail(f"{command[0]} is not installed in the test environment")
         tool = Path(found)
     return subprocess.run(
-        [str(tool), *command[1:]], check=False, cwd=ROOT, capture_output=True, text=True, timeout=600
+        [str(tool), *command[1:]],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

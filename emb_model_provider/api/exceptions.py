@@ -44,7 +44,12 @@ def _provider_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProviderError)
     headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
     return error_response(
-        exc.status_code, exc.message, type_=exc.type, param=exc.param, code=exc.code, headers=headers
+        exc.status_code,
+        exc.message,
+        type_=exc.type,
+        param=exc.param,
+        code=exc.code,
+        headers=headers,
     )
 
 
@@ -62,16 +67,42 @@ def _path(loc: Sequence[Any]) -> str:
     return text
 
 
+def _body_loc(error: dict[str, Any]) -> list[Any]:
+    loc = list(error.get("loc", ()))
+    return loc[1:] if loc and loc[0] == "body" else loc
+
+
+_EMPTY = {"string_too_short": "string", "too_short": "array"}
+
+
+def _only_emptiness(errors: Sequence[dict[str, Any]]) -> tuple[str, str] | None:
+    """Where ``input`` is empty, if some shape of the union fails only for emptiness.
+
+    pydantic reports every member of the ``input`` union (``loc[1]`` names the member); the one
+    that fails only because something is empty is the shape the client meant (``["a", ""]`` is
+    an array of strings with an empty one; ``["a", []]`` is no shape at all).
+    """
+    members: dict[str, list[dict[str, Any]]] = {}
+    for error in errors:
+        loc = _body_loc(error)
+        if len(loc) >= 2 and loc[0] == "input":
+            members.setdefault(str(loc[1]), []).append(error)
+    for failures in members.values():
+        if all(failure.get("type") in _EMPTY for failure in failures):
+            first = failures[0]
+            return _path(["input", *_body_loc(first)[2:]]), _EMPTY[str(first["type"])]
+    return None
+
+
 def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
     """A readable message and the ``param`` for a failed request body."""
     first = errors[0]
-    loc = list(first.get("loc", ()))
-    if loc and loc[0] == "body":
-        loc = loc[1:]
+    loc = _body_loc(first)
     if first.get("type") == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "invalid")
         return (
             "We could not parse the JSON body of your request. The API expects a JSON payload, "
-            f"but what was sent was not valid JSON ({first.get('ctx', {}).get('error', 'invalid')}).",
+            f"but what was sent was not valid JSON ({reason}).",
             None,
         )
     if not loc:
@@ -80,13 +111,10 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | Non
     if first.get("type") == "missing":
         return (f"Missing required parameter: '{param}'.", param)
     if param == "input":
-        if any(error.get("type") == "string_too_short" for error in errors):
-            where = next(
-                _path(e["loc"][1:]) for e in errors if e.get("type") == "string_too_short"
-            )
-            return (f"Invalid value for '{where}': it cannot be an empty string.", param)
-        if any(error.get("type") == "too_short" and len(error["loc"]) <= 3 for error in errors):
-            return ("Invalid value for 'input': it cannot be an empty array.", param)
+        empty = _only_emptiness(errors)
+        if empty is not None:
+            where, what = empty
+            return (f"Invalid value for '{where}': it cannot be an empty {what}.", param)
         return (f"Invalid type for 'input': expected {_INPUT_SHAPES}.", param)
     return (f"Invalid value for '{_path(loc)}': {first.get('msg', 'invalid')}.", param)
 

@@ -21,7 +21,11 @@ async def ready(readiness: ReadinessDep) -> JSONResponse:
     if readiness.ready:
         return JSONResponse({"status": "ready", "default_model": readiness.default_model})
     return JSONResponse(
-        {"status": "not_ready", "default_model": readiness.default_model, "detail": readiness.detail},
+        {
+            "status": "not_ready",
+            "default_model": readiness.default_model,
+            "detail": readiness.detail,
+        },
         status_code=503,
         headers={"Retry-After": "1"},
     )

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "EMB_PROVIDER_"
@@ -39,7 +39,8 @@ class Settings(BaseSettings):
         "auto", description="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."
     )
     dtype: DType = Field(
-        "auto", description="auto = float16 on CUDA, float32 elsewhere; or float32/float16/bfloat16."
+        "auto",
+        description="auto = float16 on CUDA, float32 elsewhere; or float32/float16/bfloat16.",
     )
     default_model: str = Field(DEFAULT_MODEL, description="Loaded and warmed up at start-up.")
     models_file: Path | None = Field(None, description="YAML file adding or overriding models.")
@@ -49,7 +50,9 @@ class Settings(BaseSettings):
         ge=1,
         description="Padded tokens (longest x count) per forward pass; caps memory on long inputs.",
     )
-    max_inputs_per_request: int = Field(2048, ge=1, description="Inputs in one request (OpenAI: 2048).")
+    max_inputs_per_request: int = Field(
+        2048, ge=1, description="Inputs in one request (OpenAI: 2048)."
+    )
     max_tokens_per_request: int = Field(
         300_000, ge=1, description="Tokens summed over one request's inputs (OpenAI: 300000)."
     )
@@ -74,6 +77,17 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if not _DEVICE_RE.match(value):
             raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("max_queue_inputs")
+    @classmethod
+    def _queue_holds_a_request(cls, value: int, info: ValidationInfo) -> int:
+        per_request = info.data.get("max_inputs_per_request")
+        if per_request is not None and value < per_request:
+            # A request larger than the whole queue could never be accepted, retry as it might.
+            raise ValueError(
+                f"must be at least EMB_PROVIDER_MAX_INPUTS_PER_REQUEST ({per_request})"
+            )
         return value
 
     @field_validator("log_level", mode="before")

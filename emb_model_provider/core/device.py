@@ -40,13 +40,15 @@ def resolve_device(setting: str) -> torch.device:
         return device
     if setting.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("EMB_PROVIDER_DEVICE", f"{setting} was asked for but CUDA is not available")
+            raise ConfigError(
+                "EMB_PROVIDER_DEVICE", f"{setting} was asked for but CUDA is not available"
+            )
         device = torch.device(setting)
         index = device.index or 0
         if index >= torch.cuda.device_count():
             raise ConfigError(
                 "EMB_PROVIDER_DEVICE",
-                f"{setting} was asked for but only {torch.cuda.device_count()} CUDA device(s) exist",
+                f"{setting} was asked for but only {torch.cuda.device_count()} CUDA devices exist",
             )
         return torch.device("cuda", index)
     if setting == "mps" and not _mps_available():
@@ -59,7 +61,9 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     if setting != "float32" and device.type == "cpu":
         # Half precision on CPU is slower than float32 in torch's kernels and loses accuracy.
-        raise ConfigError("EMB_PROVIDER_DTYPE", f"{setting} is not supported on the CPU; use float32")
+        raise ConfigError(
+            "EMB_PROVIDER_DTYPE", f"{setting} is not supported on the CPU; use float32"
+        )
     return _DTYPES[setting]
 
 

@@ -69,18 +69,68 @@ def _hub_snapshot(
         return snapshot(local_files_only=True)
     except LocalEntryNotFoundError:
         pass
+    except ValueError as exc:  # huggingface_hub's HFValidationError: not an ``org/name`` id
+        raise SourceError(f"{repo_id} is neither a local directory nor a hub id: {exc}") from exc
+    _probe_hub(repo_id, revision=revision, token=token)
     try:
         return snapshot(local_files_only=False)
     except GatedRepoError as exc:
-        raise SourceError(
-            f"{repo_id} is gated on the Hugging Face hub: accept its licence and set "
-            "EMB_PROVIDER_HF_TOKEN"
-        ) from exc
+        raise SourceError(_gated(repo_id)) from exc
     except LocalEntryNotFoundError as exc:
-        raise SourceError(
-            f"{repo_id} is not in the hub cache and the hub cannot be reached; download it "
-            "(e.g. `hf download`) into EMB_PROVIDER_CACHE_DIR or point the models file at a "
-            "local directory"
-        ) from exc
+        raise SourceError(_not_cached(repo_id, "the hub cannot be reached")) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise SourceError(f"{repo_id} could not be fetched from the hub: {exc}") from exc
+
+
+def _probe_hub(repo_id: str, *, revision: str | None, token: str | None) -> None:
+    """Ask the hub about ``repo_id`` with a deadline before downloading anything.
+
+    ``snapshot_download`` asks for the repository's metadata with no timeout
+    (huggingface_hub's ``HfApi.repo_info(timeout=None)``), so a hub whose packets are dropped
+    would hold the load, and every request waiting on it, for ever. The deadline is
+    huggingface_hub's own for metadata requests, ``HF_HUB_ETAG_TIMEOUT`` (10 s by default).
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    timeout_s = float(constants.HF_HUB_ETAG_TIMEOUT)
+    try:
+        HfApi(token=token).repo_info(repo_id, revision=revision, timeout=timeout_s)
+    except OfflineModeIsEnabled as exc:
+        raise SourceError(_not_cached(repo_id, "HF_HUB_OFFLINE is set")) from exc
+    except GatedRepoError as exc:
+        raise SourceError(_gated(repo_id)) from exc
+    except RevisionNotFoundError as exc:
+        raise SourceError(f"{repo_id} has no revision {revision!r} on the hub") from exc
+    except RepositoryNotFoundError as exc:
+        raise SourceError(
+            f"{repo_id} was not found on the hub (or is private: set EMB_PROVIDER_HF_TOKEN)"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise SourceError(f"{repo_id} could not be fetched from the hub: {exc}") from exc
+    except Exception as exc:
+        # Transport errors are the HTTP client's own classes (httpx in huggingface_hub >= 1,
+        # requests before), so they are caught here by what they mean: no answer in time.
+        raise SourceError(
+            _not_cached(repo_id, f"the hub cannot be reached ({type(exc).__name__}: {exc})")
+        ) from exc
+
+
+def _gated(repo_id: str) -> str:
+    return (
+        f"{repo_id} is gated on the Hugging Face hub: accept its licence and set "
+        "EMB_PROVIDER_HF_TOKEN"
+    )
+
+
+def _not_cached(repo_id: str, why: str) -> str:
+    return (
+        f"{repo_id} is not in the hub cache and {why}; download it (e.g. `hf download`) into "
+        "EMB_PROVIDER_CACHE_DIR or point the models file at a local directory"
+    )

@@ -188,7 +188,9 @@ def load_text_encoder(
     if not isinstance(backend, Tokenizer):
         raise SourceError(f"{model_dir} has no fast (tokenizers) tokenizer")
     positions = int(getattr(model.config, "max_position_embeddings", 512))
-    limit = max_input_tokens or config.max_seq_length or min(hf_tokenizer.model_max_length, positions)
+    limit = (
+        max_input_tokens or config.max_seq_length or min(hf_tokenizer.model_max_length, positions)
+    )
     if limit > positions:
         raise SourceError(f"max_input_tokens {limit} exceeds the model's {positions} positions")
     pad_id = hf_tokenizer.pad_token_id
