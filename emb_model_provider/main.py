@@ -20,7 +20,9 @@ from emb_model_provider.core.device import resolve_placement
 from emb_model_provider.core.errors import ConfigError, ProviderError
 from emb_model_provider.encoders.base import LoadOptions
 from emb_model_provider.registry import Registry
+from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
 from emb_model_provider.services.embedding_service import EmbeddingService, RequestLimits
+from emb_model_provider.services.image_inputs import ImageLoader
 from emb_model_provider.services.models import BatchLimits, ModelManager
 from emb_model_provider.services.readiness import Readiness
 
@@ -44,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
         hf_token=settings.hf_token_value(),
         cache_dir=str(settings.cache_dir) if settings.cache_dir else None,
         num_threads=settings.num_threads,
+        max_image_pixels=settings.max_image_pixels,
     )
     manager = ModelManager(
         registry,
@@ -55,6 +58,18 @@ def create_app(settings: Settings) -> FastAPI:
         ),
         warmup=settings.warmup,
     )
+    try:
+        fetch_policy = FetchPolicy(
+            allow_urls=settings.allow_image_urls,
+            allowlist=settings.url_allowlist_entries(),
+            max_bytes=settings.max_image_bytes,
+            connect_timeout_s=min(5.0, settings.max_url_timeout),
+            total_timeout_s=settings.max_url_timeout,
+            max_redirects=settings.max_url_redirects,
+        )
+    except ValueError as exc:
+        raise ConfigError("EMB_PROVIDER_URL_ALLOWLIST", str(exc)) from exc
+    images = ImageLoader(ImageFetcher(fetch_policy), max_bytes=settings.max_image_bytes)
     service = EmbeddingService(
         manager,
         RequestLimits(
@@ -62,6 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
             max_tokens_per_request=settings.max_tokens_per_request,
             truncate=settings.truncate,
         ),
+        images,
     )
     readiness = Readiness(default_model=default_spec.name)
 
@@ -89,6 +105,7 @@ def create_app(settings: Settings) -> FastAPI:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             await asyncio.to_thread(manager.close)
+            await images.aclose()
 
     app = FastAPI(
         title="emb-model-provider",

@@ -21,11 +21,20 @@ logger = logging.getLogger(__name__)
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
+
+class ImageObject(BaseModel):
+    """``{"image": "<http(s) URL | data:image/...;base64,... | bare base64>"}``: an image input."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: NonEmptyStr
+
+
 EmbeddingInput = (
     NonEmptyStr
     | Annotated[list[NonEmptyStr], Field(min_length=1)]
     | TokenIds
     | Annotated[list[TokenIds], Field(min_length=1)]
+    | Annotated[list[ImageObject], Field(min_length=1)]
 )
 
 
@@ -46,14 +55,14 @@ class EmbeddingRequest(BaseModel):
             logger.debug("ignoring unknown request fields: %s", sorted(self.model_extra))
         return self
 
-    def inputs(self) -> list[str] | list[list[int]]:
-        """The input as a list: strings, or token arrays."""
+    def inputs(self) -> list[str] | list[list[int]] | list[ImageObject]:
+        """The input as a list: strings, token arrays, or image objects."""
         value = self.input
         if isinstance(value, str):
             return [value]
         if value and isinstance(value[0], int):
             return [value]
-        return cast(list[str] | list[list[int]], value)
+        return cast(list[str] | list[list[int]] | list[ImageObject], value)
 
 
 class Usage(BaseModel):

@@ -45,6 +45,37 @@ class ModelSpec:
         return (self.name, *self.aliases)
 
 
+#: DINOv3 (Meta, gated on the hub: EMB_PROVIDER_HF_TOKEN, or a cache or local directory):
+#: short name -> (hub id suffix, embedding size, tokens per 224x224 image).
+_DINOV3 = {
+    "dinov3-vits16": ("vits16", 384, 201),
+    "dinov3-vits16plus": ("vits16plus", 384, 201),
+    "dinov3-vitb16": ("vitb16", 768, 201),
+    "dinov3-vitl16": ("vitl16", 1024, 201),
+    "dinov3-vith16plus": ("vith16plus", 1280, 201),
+    "dinov3-vit7b16": ("vit7b16", 4096, 201),
+    "dinov3-convnext-tiny": ("convnext-tiny", 768, 50),
+    "dinov3-convnext-small": ("convnext-small", 768, 50),
+    "dinov3-convnext-base": ("convnext-base", 1024, 50),
+    "dinov3-convnext-large": ("convnext-large", 1536, 50),
+}
+
+
+def _dinov3_specs() -> tuple[ModelSpec, ...]:
+    return tuple(
+        ModelSpec(
+            name=name,
+            aliases=(f"facebook/dinov3-{suffix}-pretrain-lvd1689m",),
+            source=f"facebook/dinov3-{suffix}-pretrain-lvd1689m",
+            modality="image",
+            dimensions=dims,
+            max_input_tokens=tokens,
+            owned_by="facebook",
+        )
+        for name, (suffix, dims, tokens) in _DINOV3.items()
+    )
+
+
 BUILTIN_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="all-MiniLM-L6-v2",
@@ -64,11 +95,13 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
         max_input_tokens=256,
         owned_by="sentence-transformers",
     ),
+    *_dinov3_specs(),
 )
 
 #: modality -> "module:function" building an encoder from (spec, local directory, options).
 ENCODER_LOADERS: dict[Modality, str] = {
     "text": "emb_model_provider.encoders.text:load_text_encoder",
+    "image": "emb_model_provider.encoders.image:load_image_encoder",
 }
 
 

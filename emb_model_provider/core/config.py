@@ -67,6 +67,26 @@ class Settings(BaseSettings):
     hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated models.")
     cache_dir: Path | None = Field(None, description="Hugging Face hub cache directory.")
     warmup: bool = Field(True, description="Run a warm-up batch when a model loads.")
+    allow_image_urls: bool = Field(
+        True, description="Fetch http(s) image URLs (false: only inline base64 images)."
+    )
+    url_allowlist: str = Field(
+        "",
+        description=(
+            "Comma-separated CIDRs and host names that image URLs may reach although they are "
+            "loopback, private or link-local (refused by default)."
+        ),
+    )
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest image, fetched or inline, in bytes."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded image (width x height): bomb guard."
+    )
+    max_url_timeout: float = Field(
+        20.0, gt=0, description="Seconds for one image URL: DNS, connect, redirects, body."
+    )
+    max_url_redirects: int = Field(3, ge=0, description="Redirects followed per image URL.")
     num_threads: int = Field(
         0, ge=0, description="torch intra-op threads on CPU; 0 keeps torch's default."
     )
@@ -108,6 +128,9 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    def url_allowlist_entries(self) -> tuple[str, ...]:
+        return tuple(entry.strip() for entry in self.url_allowlist.split(",") if entry.strip())
 
     def hf_token_value(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None

@@ -51,6 +51,14 @@ class ModelNotFound(ProviderError):
         )
 
 
+class UpstreamFailed(ProviderError):
+    """A remote server the client pointed us at (an image URL) failed or did not answer."""
+
+    status_code = 502
+    type = "invalid_request_error"
+    default_code = "image_fetch_failed"
+
+
 class Overloaded(ProviderError):
     """The bounded queue is full: the client should back off and retry."""
 

@@ -37,6 +37,8 @@ class LoadOptions:
     hf_token: str | None = None
     cache_dir: str | None = None
     num_threads: int = 0
+    #: Largest image, in pixels, that is decoded (guards against decompression bombs).
+    max_image_pixels: int = 40_000_000
 
 
 class Encoder(Protocol):
@@ -48,8 +50,9 @@ class Encoder(Protocol):
     #: What the model runs on, e.g. ``"cpu (float32)"``; for logs and /v1/models.
     placement: str
 
-    def prepare(self, inputs: Sequence[str], *, truncate: bool) -> list[PreparedInput]:
-        """Tokenise (or decode) ``inputs``; thread-safe, called off the event loop."""
+    def prepare(self, inputs: Sequence[str | bytes], *, truncate: bool) -> list[PreparedInput]:
+        """Tokenise texts (``str``) or decode and preprocess images (``bytes``); thread-safe,
+        called off the event loop. Raises ``InvalidRequest`` naming the input that is unusable."""
         ...
 
     def encode(self, batch: Sequence[PreparedInput]) -> Vectors:

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from emb_model_provider.core.errors import InvalidRequest
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.sources import SourceError, resolve_source
 
@@ -115,8 +116,10 @@ class TextEncoder:
         self._full.no_truncation()
         self._forward_lock = threading.Lock()
 
-    def prepare(self, inputs: Sequence[str], *, truncate: bool) -> list[PreparedInput]:
-        texts = [text.lower() for text in inputs] if self._do_lower_case else list(inputs)
+    def prepare(self, inputs: Sequence[str | bytes], *, truncate: bool) -> list[PreparedInput]:
+        texts = [_text(index, value) for index, value in enumerate(inputs)]
+        if self._do_lower_case:
+            texts = [text.lower() for text in texts]
         tokenizer = self._truncating if truncate else self._full
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
         return [
@@ -159,6 +162,12 @@ class TextEncoder:
     def warmup(self) -> None:
         for texts in (["warm up"], ["warm up the encoder with a longer sentence"] * 4):
             self.encode(self.prepare(texts, truncate=True))
+
+
+def _text(index: int, value: str | bytes) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"input[{index}] is not text", param="input")
+    return value
 
 
 def load_text_encoder(

@@ -5,20 +5,24 @@ batching, ``dimensions``, and the response body.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 
 from emb_model_provider.core.errors import ContextLengthExceeded, InvalidRequest
 from emb_model_provider.encoders.base import PreparedInput, Vectors
-from emb_model_provider.protocol import EmbeddingRequest, render_embeddings
+from emb_model_provider.protocol import EmbeddingRequest, ImageObject, render_embeddings
+from emb_model_provider.registry import ModelSpec
+from emb_model_provider.services.image_inputs import ImageLoader
 from emb_model_provider.services.models import LoadedModel, ModelManager
 from emb_model_provider.services.token_arrays import decode_token_arrays
 
 #: Token arrays up to this many ids in total are decoded on the event loop (microseconds);
 #: longer ones go to a worker thread.
 _INLINE_DECODE_TOKENS = 4096
+_IMAGE_SCHEMES = ("http://", "https://", "data:")
 
 
 @dataclass(frozen=True)
@@ -28,47 +32,93 @@ class RequestLimits:
     truncate: bool
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """Vectors in input order and the tokens the model processed for them."""
+
+    vectors: Vectors
+    prompt_tokens: int
+    model: str
+
+
 class EmbeddingService:
-    def __init__(self, models: ModelManager, limits: RequestLimits) -> None:
+    def __init__(self, models: ModelManager, limits: RequestLimits, images: ImageLoader) -> None:
         self._models = models
         self._limits = limits
+        self._images = images
 
     async def create(self, request: EmbeddingRequest) -> bytes:
         spec = self._models.registry.get(request.model)
         inputs = request.inputs()
-        if len(inputs) > self._limits.max_inputs_per_request:
-            raise InvalidRequest(
-                f"Too many inputs: {len(inputs)} were sent, at most "
-                f"{self._limits.max_inputs_per_request} are allowed in one request.",
-                param="input",
-            )
-        if spec.modality != "text":
-            raise InvalidRequest(
-                f"The model `{spec.name}` takes {spec.modality} inputs, not text.", param="input"
-            )
+        self._check_count(len(inputs))
         if spec.dimensions is not None:
             self._check_dimensions(request.dimensions, spec.dimensions)
-        texts = await self._texts(inputs)
+        if spec.modality == "image":
+            values = _image_values(spec, inputs)
+            data: Sequence[str | bytes] = await self._images.load(
+                values, [f"input[{index}]" for index in range(len(values))]
+            )
+        else:
+            data = await self._texts(spec, inputs)
+        result = await self.embed(spec, data, dimensions=request.dimensions)
+        return render_embeddings(
+            result.vectors,
+            model=result.model,
+            encoding_format=request.encoding_format or "float",
+            prompt_tokens=result.prompt_tokens,
+        )
+
+    async def embed_images(
+        self, model: str, values: Sequence[str], labels: Sequence[str], *, normalize: bool
+    ) -> Embedded:
+        """For the batch-first image API: images as URLs, data URIs or base64, named by label."""
+        spec = self._models.registry.get(model)
+        if spec.modality != "image":
+            raise InvalidRequest(
+                f"The model `{spec.name}` takes {spec.modality} inputs, not images.", param="model"
+            )
+        self._check_count(len(values))
+        data = await self._images.load(values, labels)
+        result = await self.embed(spec, data, dimensions=None)
+        if normalize and not spec.normalize:
+            norms = np.linalg.norm(result.vectors, axis=1, keepdims=True)
+            unit: Vectors = (result.vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+            return Embedded(unit, result.prompt_tokens, result.model)
+        return result
+
+    async def embed(
+        self, spec: ModelSpec, data: Sequence[str | bytes], *, dimensions: int | None
+    ) -> Embedded:
         model = await self._models.get(spec)
-        self._check_dimensions(request.dimensions, model.encoder.dimensions)
+        self._check_dimensions(dimensions, model.encoder.dimensions)
         prepared = await asyncio.to_thread(
-            model.encoder.prepare, texts, truncate=self._limits.truncate
+            model.encoder.prepare, data, truncate=self._limits.truncate
         )
         prompt_tokens = self._check_tokens(prepared, model)
         vectors = _stack(await model.batcher.embed(prepared))
-        if request.dimensions is not None and request.dimensions < vectors.shape[1]:
-            vectors = _shorten(vectors, request.dimensions, renormalize=spec.normalize)
-        return render_embeddings(
-            vectors,
-            model=spec.name,
-            encoding_format=request.encoding_format or "float",
-            prompt_tokens=prompt_tokens,
-        )
+        if dimensions is not None and dimensions < vectors.shape[1]:
+            vectors = _shorten(vectors, dimensions, renormalize=spec.normalize)
+        return Embedded(vectors, prompt_tokens, spec.name)
 
-    async def _texts(self, inputs: list[str] | list[list[int]]) -> list[str]:
+    def _check_count(self, count: int) -> None:
+        if count > self._limits.max_inputs_per_request:
+            raise InvalidRequest(
+                f"Too many inputs: {count} were sent, at most "
+                f"{self._limits.max_inputs_per_request} are allowed in one request.",
+                param="input",
+            )
+
+    async def _texts(
+        self, spec: ModelSpec, inputs: list[str] | list[list[int]] | list[ImageObject]
+    ) -> list[str]:
+        if inputs and isinstance(inputs[0], ImageObject):
+            raise _wrong_modality(spec, "images")
         if not inputs or isinstance(inputs[0], str):
-            return cast(list[str], inputs)
-        arrays = inputs
+            texts = cast(list[str], inputs)
+            if any(text.startswith("data:image/") for text in texts):
+                raise _wrong_modality(spec, "images")
+            return texts
+        arrays = cast(list[list[int]], inputs)
         if sum(len(tokens) for tokens in arrays) <= _INLINE_DECODE_TOKENS:
             return decode_token_arrays(arrays)
         return await asyncio.to_thread(decode_token_arrays, arrays)
@@ -101,6 +151,33 @@ class EmbeddingService:
                 code="max_tokens_per_request",
             )
         return total
+
+
+def _wrong_modality(
+    spec: ModelSpec, sent: Literal["text", "images", "token arrays"]
+) -> InvalidRequest:
+    takes = (
+        "text (strings or token arrays)"
+        if spec.modality == "text"
+        else 'images (http(s) URLs, data:image/...;base64 URIs, or {"image": ...} objects)'
+    )
+    return InvalidRequest(
+        f"The model `{spec.name}` takes {takes}; the request sent {sent}.", param="input"
+    )
+
+
+def _image_values(
+    spec: ModelSpec, inputs: list[str] | list[list[int]] | list[ImageObject]
+) -> list[str]:
+    if inputs and isinstance(inputs[0], ImageObject):
+        # Objects may also carry bare base64.
+        return [item.image for item in inputs]
+    if inputs and not isinstance(inputs[0], str):
+        raise _wrong_modality(spec, "token arrays")
+    values = cast(list[str], inputs)
+    if not all(value.lstrip().lower().startswith(_IMAGE_SCHEMES) for value in values):
+        raise _wrong_modality(spec, "text")
+    return values
 
 
 def _stack(rows: list[Vectors]) -> Vectors:

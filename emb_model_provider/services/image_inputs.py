@@ -1,0 +1,65 @@
+"""Image inputs to bytes: inline data URIs and base64 decoded, URLs fetched concurrently through
+the SSRF-safe fetcher. Errors name the input that failed (its index or id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from emb_model_provider.core.errors import InvalidRequest, ProviderError, UpstreamFailed
+from emb_model_provider.inputs.images import (
+    ImageInputError,
+    InlineImage,
+    UrlImage,
+    parse_image_reference,
+)
+from emb_model_provider.security.fetch import FetchError, ImageFetcher
+
+#: Concurrent URL fetches per request.
+_FETCHES_PER_REQUEST = 16
+
+
+class ImageLoader:
+    def __init__(self, fetcher: ImageFetcher, *, max_bytes: int) -> None:
+        self._fetcher = fetcher
+        self._max_bytes = max_bytes
+
+    async def load(self, values: Sequence[str], labels: Sequence[str]) -> list[bytes]:
+        """The bytes of each image; ``labels`` name the inputs in errors (``input[3]``, an id)."""
+        refs = []
+        for value, label in zip(values, labels, strict=True):
+            try:
+                refs.append(parse_image_reference(value, max_bytes=self._max_bytes))
+            except ImageInputError as exc:
+                raise InvalidRequest(
+                    f"{label}: {exc.message}", param="input", code=exc.code
+                ) from exc
+        limit = asyncio.Semaphore(_FETCHES_PER_REQUEST)
+
+        async def one(ref: UrlImage | InlineImage, label: str) -> bytes:
+            if isinstance(ref, InlineImage):
+                return ref.data
+            async with limit:
+                try:
+                    return await self._fetcher.fetch(ref.url)
+                except FetchError as exc:
+                    error: ProviderError
+                    if exc.status == 400:
+                        error = InvalidRequest(f"{label}: {exc.message}", param="input")
+                    else:
+                        error = UpstreamFailed(f"{label}: {exc.message}", param="input")
+                    error.code = exc.code
+                    raise error from exc
+
+        tasks = [
+            asyncio.ensure_future(one(ref, label)) for ref, label in zip(refs, labels, strict=True)
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one failure: the other fetches need not go on
+                task.cancel()
+
+    async def aclose(self) -> None:
+        await self._fetcher.aclose()
