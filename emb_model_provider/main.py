@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from emb_model_provider import __version__
-from emb_model_provider.api import embeddings, health, models
+from emb_model_provider.api import embeddings, health, images, models
 from emb_model_provider.api.exceptions import install_error_handlers
 from emb_model_provider.core.config import Settings
 from emb_model_provider.core.device import resolve_placement
@@ -69,7 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
     except ValueError as exc:
         raise ConfigError("EMB_PROVIDER_URL_ALLOWLIST", str(exc)) from exc
-    images = ImageLoader(ImageFetcher(fetch_policy), max_bytes=settings.max_image_bytes)
+    image_loader = ImageLoader(ImageFetcher(fetch_policy), max_bytes=settings.max_image_bytes)
     service = EmbeddingService(
         manager,
         RequestLimits(
@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
             max_tokens_per_request=settings.max_tokens_per_request,
             truncate=settings.truncate,
         ),
-        images,
+        image_loader,
     )
     readiness = Readiness(default_model=default_spec.name)
 
@@ -105,7 +105,7 @@ def create_app(settings: Settings) -> FastAPI:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             await asyncio.to_thread(manager.close)
-            await images.aclose()
+            await image_loader.aclose()
 
     app = FastAPI(
         title="emb-model-provider",
@@ -119,6 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.readiness = readiness
     install_error_handlers(app)
     app.include_router(embeddings.router)
+    app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(health.router)
     return app

@@ -103,6 +103,56 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ImageItem(BaseModel):
+    """One image of the batch-first image API: a URL or base64 data, and the caller's id."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: StrictStr | StrictInt | None = None
+    image_url: NonEmptyStr | None = None
+    image_base64: NonEmptyStr | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageItem:
+        if (self.image_url is None) == (self.image_base64 is None):
+            raise ValueError("give exactly one of image_url and image_base64")
+        return self
+
+
+class ImageEmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: Annotated[list[ImageItem], Field(min_length=1)]
+    model: NonEmptyStr
+    normalize: bool = True
+
+
+class ImageEmbeddingsResponse(BaseModel):
+    embeddings: list[list[float]]
+    dim: int
+    model_id: str
+    ids: list[str | int | None]
+    latency_ms: float
+    usage: Usage
+
+
+def render_image_embeddings(
+    vectors: Vectors,
+    *,
+    model: str,
+    ids: Sequence[str | int | None],
+    latency_ms: float,
+    prompt_tokens: int,
+) -> bytes:
+    body = {
+        "embeddings": np.ascontiguousarray(vectors, dtype=np.float32),
+        "dim": int(vectors.shape[1]),
+        "model_id": model,
+        "ids": list(ids),
+        "latency_ms": round(latency_ms, 3),
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

@@ -35,6 +35,15 @@ class InvalidRequest(ProviderError):
     type = "invalid_request_error"
 
 
+class BadInput(InvalidRequest):
+    """One input of a request is unusable; ``index`` says which, so callers can name it."""
+
+    def __init__(self, index: int, reason: str, *, code: str | None = None) -> None:
+        super().__init__(f"input[{index}]: {reason}", param="input", code=code)
+        self.index = index
+        self.reason = reason
+
+
 class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
 

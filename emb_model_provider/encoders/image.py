@@ -25,7 +25,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from emb_model_provider.core.errors import InvalidRequest
+from emb_model_provider.core.errors import BadInput
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.sources import SourceError, resolve_source
 from emb_model_provider.inputs.images import ImageInputError, decode_image
@@ -66,13 +66,11 @@ class ImageEncoder:
         images: list[object] = []
         for index, data in enumerate(inputs):
             if not isinstance(data, bytes):
-                raise InvalidRequest(f"input[{index}] is not an image", param="input")
+                raise BadInput(index, "not an image")
             try:
                 images.append(decode_image(data, max_pixels=self._max_pixels))
             except ImageInputError as exc:
-                raise InvalidRequest(
-                    f"input[{index}] is not a usable image: {exc}", param="input", code=exc.code
-                ) from exc
+                raise BadInput(index, f"not a usable image: {exc}", code=exc.code) from exc
         pixels = self._preprocess(images)
         return [
             PreparedInput(payload=pixels[row], n_tokens=self.max_input_tokens)

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from emb_model_provider.core.errors import InvalidRequest
+from emb_model_provider.core.errors import BadInput
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.sources import SourceError, resolve_source
 
@@ -166,7 +166,7 @@ class TextEncoder:
 
 def _text(index: int, value: str | bytes) -> str:
     if not isinstance(value, str):
-        raise InvalidRequest(f"input[{index}] is not text", param="input")
+        raise BadInput(index, "not text")
     return value
 
 

@@ -11,7 +11,7 @@ from typing import Literal, cast
 
 import numpy as np
 
-from emb_model_provider.core.errors import ContextLengthExceeded, InvalidRequest
+from emb_model_provider.core.errors import BadInput, ContextLengthExceeded, InvalidRequest
 from emb_model_provider.encoders.base import PreparedInput, Vectors
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, render_embeddings
 from emb_model_provider.registry import ModelSpec
@@ -69,17 +69,30 @@ class EmbeddingService:
         )
 
     async def embed_images(
-        self, model: str, values: Sequence[str], labels: Sequence[str], *, normalize: bool
+        self, model: str, values: Sequence[str | bytes], labels: Sequence[str], *, normalize: bool
     ) -> Embedded:
-        """For the batch-first image API: images as URLs, data URIs or base64, named by label."""
+        """For the batch-first image API: images as URLs, data URIs, base64 or uploaded bytes,
+        named by label in errors. ``normalize=False`` asks for the raw pooled vectors, which only a
+        model entry with ``normalize: false`` keeps."""
         spec = self._models.registry.get(model)
         if spec.modality != "image":
             raise InvalidRequest(
                 f"The model `{spec.name}` takes {spec.modality} inputs, not images.", param="model"
             )
         self._check_count(len(values))
+        if not normalize and spec.normalize:
+            raise InvalidRequest(
+                f"The model `{spec.name}` returns unit-length vectors; for raw vectors register it "
+                "with `normalize: false` in the models file.",
+                param="normalize",
+            )
         data = await self._images.load(values, labels)
-        result = await self.embed(spec, data, dimensions=None)
+        try:
+            result = await self.embed(spec, data, dimensions=None)
+        except BadInput as exc:  # name the image the way the caller did
+            raise InvalidRequest(
+                f"{labels[exc.index]}: {exc.reason}", param="input", code=exc.code
+            ) from exc
         if normalize and not spec.normalize:
             norms = np.linalg.norm(result.vectors, axis=1, keepdims=True)
             unit: Vectors = (result.vectors / np.maximum(norms, 1e-12)).astype(np.float32)

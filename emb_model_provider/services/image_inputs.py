@@ -25,10 +25,15 @@ class ImageLoader:
         self._fetcher = fetcher
         self._max_bytes = max_bytes
 
-    async def load(self, values: Sequence[str], labels: Sequence[str]) -> list[bytes]:
-        """The bytes of each image; ``labels`` name the inputs in errors (``input[3]``, an id)."""
-        refs = []
+    async def load(self, values: Sequence[str | bytes], labels: Sequence[str]) -> list[bytes]:
+        """The bytes of each image; ``labels`` name the inputs in errors (``input[3]``, an id).
+
+        A value is an http(s) URL, a data URI or base64 text, or the image's bytes (uploads)."""
+        refs: list[UrlImage | InlineImage] = []
         for value, label in zip(values, labels, strict=True):
+            if isinstance(value, bytes):
+                refs.append(InlineImage(data=value, media_type=None, kind="base64"))
+                continue
             try:
                 refs.append(parse_image_reference(value, max_bytes=self._max_bytes))
             except ImageInputError as exc:
