@@ -23,16 +23,15 @@ from typing import Literal, cast
 import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModel, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 from emb_model_provider.core.errors import BadInput
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
+from emb_model_provider.encoders.runtime import torch_runtime
 from emb_model_provider.encoders.sources import SourceError, resolve_source
 from emb_model_provider.inputs.images import ImageInputError, decode_image
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Preprocess = Callable[[list[object]], torch.Tensor]
 
 
@@ -126,11 +125,7 @@ def load_image_encoder(
     model_dir = resolve_source(
         source, revision=revision, token=options.hf_token, cache_dir=options.cache_dir
     )
-    device = torch.device(options.device)
-    dtype = _DTYPES[options.dtype]
-    if options.num_threads > 0:
-        torch.set_num_threads(options.num_threads)
-    cast(Callable[[], None], hf_logging.disable_progress_bar)()  # untyped in transformers
+    device, dtype = torch_runtime(options)
     try:
         load_processor = cast(
             Callable[[str], Callable[..., dict[str, torch.Tensor]]],

@@ -10,26 +10,25 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 from emb_model_provider.core.errors import BadInput
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
+from emb_model_provider.encoders.runtime import torch_runtime
 from emb_model_provider.encoders.sources import SourceError, resolve_source
 
 logger = logging.getLogger(__name__)
 
 PoolingMode = Literal["mean", "cls", "max"]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
 
 
@@ -183,11 +182,7 @@ def load_text_encoder(
         source, revision=revision, token=options.hf_token, cache_dir=options.cache_dir
     )
     config = read_sentence_config(model_dir)
-    device = torch.device(options.device)
-    dtype = _DTYPES[options.dtype]
-    if options.num_threads > 0:
-        torch.set_num_threads(options.num_threads)
-    cast(Callable[[], None], hf_logging.disable_progress_bar)()  # untyped in transformers
+    device, dtype = torch_runtime(options)
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(str(config.transformer_dir))
         model = AutoModel.from_pretrained(str(config.transformer_dir), dtype=dtype)
