@@ -120,7 +120,6 @@ def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
         revision=spec.revision,
         max_input_tokens=spec.max_input_tokens,
         pooling=spec.pooling,
-        normalize=spec.normalize,
         options=options,
     )
     return encoder

@@ -112,23 +112,31 @@ def test_multipart_upload(url: str, vit_dir: Path) -> None:
     _assert_close(np.array(answer["embeddings"], dtype=np.float32), _reference(vit_dir, images))
 
 
-def test_raw_vectors_from_an_entry_that_does_not_normalize(url: str, vit_dir: Path) -> None:
+@pytest.mark.parametrize("model", ["tiny-vit", "tiny-vit-raw"])
+def test_normalize_is_chosen_per_request(url: str, vit_dir: Path, model: str) -> None:
+    """``normalize`` in the request wins over the entry's default, both ways."""
     image = _png(6, (50, 70))
-    body = {
-        "model": "tiny-vit-raw",
-        "normalize": False,
-        "images": [{"image_base64": base64.b64encode(image).decode()}],
-    }
-    answer = httpx.post(f"{url}/v1/images/embeddings", json=body, timeout=60).json()
+    images = [{"image_base64": base64.b64encode(image).decode()}]
+    for normalize in (False, True):
+        body = {"model": model, "normalize": normalize, "images": images}
+        answer = httpx.post(f"{url}/v1/images/embeddings", json=body, timeout=60).json()
+        got = np.array(answer["embeddings"], dtype=np.float32)
+        _assert_close(got, _reference(vit_dir, [image], normalize=normalize))
+        norm = float(np.linalg.norm(got[0]))
+        assert (abs(norm - 1.0) < 1e-5) is normalize, norm
+
+
+def test_an_entry_that_does_not_normalize_gives_raw_vectors_on_v1_embeddings(
+    url: str, vit_dir: Path
+) -> None:
+    image = _png(7, (40, 40))
+    data_uri = "data:image/png;base64," + base64.b64encode(image).decode()
+    body = {"model": "tiny-vit-raw", "input": [data_uri], "encoding_format": "float"}
+    answer = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).json()
     _assert_close(
-        np.array(answer["embeddings"], dtype=np.float32),
+        np.array([answer["data"][0]["embedding"]], dtype=np.float32),
         _reference(vit_dir, [image], normalize=False),
     )
-    refused = httpx.post(
-        f"{url}/v1/images/embeddings", json={**body, "model": "tiny-vit"}, timeout=60
-    )
-    assert refused.status_code == 400
-    assert refused.json()["error"]["param"] == "normalize"
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,8 @@ class Encoder(Protocol):
         ...
 
     def encode(self, batch: Sequence[PreparedInput]) -> Vectors:
-        """Vectors for ``batch`` as a float32 array of shape (len(batch), dimensions)."""
+        """Pooled vectors for ``batch``, float32, shape (len(batch), dimensions), not normalised:
+        the service normalises, once, after taking the ``dimensions`` prefix."""
         ...
 
     def warmup(self) -> None:

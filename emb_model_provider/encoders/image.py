@@ -1,5 +1,5 @@
 """Vision encoders (DINOv3 ViT and ConvNeXt): decode, the model's own preprocessing, the encoder,
-the pooled output, L2.
+the pooled output (unnormalised: the service applies L2 per entry or per request).
 
 Preprocessing is the model's own ``AutoImageProcessor`` (for DINOv3: rescale, bilinear resize to
 224x224 with antialiasing, ImageNet normalisation), so vectors equal those of
@@ -43,14 +43,12 @@ class ImageEncoder:
         model: PreTrainedModel,
         preprocess: Preprocess,
         *,
-        normalize: bool,
         max_pixels: int,
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
         self._model = model
         self._preprocess = preprocess
-        self._normalize = normalize
         self._max_pixels = max_pixels
         self._device = device
         self._dtype = dtype
@@ -86,8 +84,6 @@ class ImageEncoder:
             pixel_values = pixels.to(self._device, dtype=self._dtype, non_blocking=True)
             output = self._model(pixel_values=pixel_values)
             pooled = output.pooler_output.float()
-            if self._normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
             vectors = pooled.cpu().numpy().astype(np.float32, copy=False)
             return int(output.last_hidden_state.shape[1]), vectors
 
@@ -117,7 +113,6 @@ def load_image_encoder(
     revision: str | None,
     max_input_tokens: int | None,
     pooling: str | None,
-    normalize: bool,
     options: LoadOptions,
 ) -> ImageEncoder:
     if pooling not in (None, "cls"):
@@ -143,7 +138,6 @@ def load_image_encoder(
     encoder = ImageEncoder(
         model.to(device).eval(),
         preprocess,
-        normalize=normalize,
         max_pixels=options.max_image_pixels,
         device=device,
         dtype=dtype,

@@ -1,8 +1,9 @@
-"""Sentence encoders (MiniLM and other BERT-style models): tokenizer, encoder, pooling, L2.
+"""Sentence encoders (MiniLM and other BERT-style models): tokenizer, encoder, pooling.
 
 Matches sentence-transformers on the same weights: ``max_seq_length`` from the model's
-``sentence_bert_config.json`` (256 for all-MiniLM-L6-v2, not the tokenizer's 512), the pooling
-mode from ``1_Pooling/config.json`` (masked mean, as ``Pooling.py``), and L2 normalisation.
+``sentence_bert_config.json`` (256 for all-MiniLM-L6-v2, not the tokenizer's 512) and the pooling
+mode from ``1_Pooling/config.json`` (masked mean, as ``Pooling.py``). The vectors are returned
+unnormalised; the service applies L2 normalisation (per registry entry) after ``dimensions``.
 """
 
 from __future__ import annotations
@@ -40,15 +41,14 @@ class SentenceConfig:
     max_seq_length: int | None
     do_lower_case: bool
     pooling: PoolingMode | None
-    normalize: bool
 
 
 def read_sentence_config(model_dir: Path) -> SentenceConfig:
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():  # a plain transformers checkpoint
-        return SentenceConfig(model_dir, None, False, None, False)
+        return SentenceConfig(model_dir, None, False, None)
     modules: list[dict[str, Any]] = json.loads(modules_file.read_text(encoding="utf-8"))
-    transformer_dir, pooling, normalize = model_dir, None, False
+    transformer_dir, pooling = model_dir, None
     max_seq_length, do_lower_case = None, False
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
@@ -64,9 +64,7 @@ def read_sentence_config(model_dir: Path) -> SentenceConfig:
                 do_lower_case = bool(config.get("do_lower_case", False))
         elif kind == "Pooling":
             pooling = _pooling_mode(json.loads((path / "config.json").read_text(encoding="utf-8")))
-        else:
-            normalize = True
-    return SentenceConfig(transformer_dir, max_seq_length, do_lower_case, pooling, normalize)
+    return SentenceConfig(transformer_dir, max_seq_length, do_lower_case, pooling)
 
 
 def _pooling_mode(config: dict[str, Any]) -> PoolingMode:
@@ -91,7 +89,6 @@ class TextEncoder:
         max_input_tokens: int,
         pad_token_id: int,
         pooling: PoolingMode,
-        normalize: bool,
         do_lower_case: bool,
         device: torch.device,
         dtype: torch.dtype,
@@ -100,7 +97,6 @@ class TextEncoder:
         self._device = device
         self._pad_token_id = pad_token_id
         self.pooling = pooling
-        self._normalize = normalize
         self._do_lower_case = do_lower_case
         self.max_input_tokens = max_input_tokens
         self.dimensions = int(model.config.hidden_size)
@@ -144,8 +140,6 @@ class TextEncoder:
                 token_type_ids=torch.zeros_like(ids_t),
             ).last_hidden_state.float()
             pooled = self._pool(hidden, mask_t)
-            if self._normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
             return pooled.cpu().numpy().astype(np.float32, copy=False)
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -175,7 +169,6 @@ def load_text_encoder(
     revision: str | None,
     max_input_tokens: int | None,
     pooling: PoolingMode | None,
-    normalize: bool,
     options: LoadOptions,
 ) -> TextEncoder:
     model_dir = resolve_source(
@@ -205,7 +198,6 @@ def load_text_encoder(
         max_input_tokens=int(limit),
         pad_token_id=int(pad_id) if pad_id is not None else 0,
         pooling=pooling or config.pooling or "mean",
-        normalize=normalize,
         do_lower_case=config.do_lower_case,
         device=device,
         dtype=dtype,

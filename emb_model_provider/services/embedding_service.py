@@ -60,7 +60,9 @@ class EmbeddingService:
             )
         else:
             data = await self._texts(spec, inputs)
-        result = await self.embed(spec, data, dimensions=request.dimensions)
+        result = await self.embed(
+            spec, data, dimensions=request.dimensions, normalize=spec.normalize
+        )
         return render_embeddings(
             result.vectors,
             model=result.model,
@@ -72,36 +74,31 @@ class EmbeddingService:
         self, model: str, values: Sequence[str | bytes], labels: Sequence[str], *, normalize: bool
     ) -> Embedded:
         """For the batch-first image API: images as URLs, data URIs, base64 or uploaded bytes,
-        named by label in errors. ``normalize=False`` asks for the raw pooled vectors, which only a
-        model entry with ``normalize: false`` keeps."""
+        named by label in errors. ``normalize=False`` returns the raw pooled vectors."""
         spec = self._models.registry.get(model)
         if spec.modality != "image":
             raise InvalidRequest(
                 f"The model `{spec.name}` takes {spec.modality} inputs, not images.", param="model"
             )
         self._check_count(len(values))
-        if not normalize and spec.normalize:
-            raise InvalidRequest(
-                f"The model `{spec.name}` returns unit-length vectors; for raw vectors register it "
-                "with `normalize: false` in the models file.",
-                param="normalize",
-            )
         data = await self._images.load(values, labels)
         try:
-            result = await self.embed(spec, data, dimensions=None)
+            return await self.embed(spec, data, dimensions=None, normalize=normalize)
         except BadInput as exc:  # name the image the way the caller did
             raise InvalidRequest(
                 f"{labels[exc.index]}: {exc.reason}", param="input", code=exc.code
             ) from exc
-        if normalize and not spec.normalize:
-            norms = np.linalg.norm(result.vectors, axis=1, keepdims=True)
-            unit: Vectors = (result.vectors / np.maximum(norms, 1e-12)).astype(np.float32)
-            return Embedded(unit, result.prompt_tokens, result.model)
-        return result
 
     async def embed(
-        self, spec: ModelSpec, data: Sequence[str | bytes], *, dimensions: int | None
+        self,
+        spec: ModelSpec,
+        data: Sequence[str | bytes],
+        *,
+        dimensions: int | None,
+        normalize: bool,
     ) -> Embedded:
+        """Vectors for ``data``: the first ``dimensions`` components, L2-normalised when asked
+        (Matryoshka-style: a prefix of a unit vector is scaled back to unit length)."""
         model = await self._models.get(spec)
         self._check_dimensions(dimensions, model.encoder.dimensions)
         prepared = await asyncio.to_thread(
@@ -109,9 +106,11 @@ class EmbeddingService:
         )
         prompt_tokens = self._check_tokens(prepared, model)
         vectors = _stack(await model.batcher.embed(prepared))
-        if dimensions is not None and dimensions < vectors.shape[1]:
-            vectors = _shorten(vectors, dimensions, renormalize=spec.normalize)
-        return Embedded(vectors, prompt_tokens, spec.name)
+        if dimensions is not None:
+            vectors = vectors[:, :dimensions]
+        if normalize:
+            vectors = _l2(vectors)
+        return Embedded(np.ascontiguousarray(vectors), prompt_tokens, spec.name)
 
     def _check_count(self, count: int) -> None:
         if count > self._limits.max_inputs_per_request:
@@ -198,11 +197,7 @@ def _stack(rows: list[Vectors]) -> Vectors:
     return stacked
 
 
-def _shorten(vectors: Vectors, dimensions: int, *, renormalize: bool) -> Vectors:
-    """The first ``dimensions`` components, scaled back to unit length (Matryoshka-style)."""
-    head = vectors[:, :dimensions]
-    if not renormalize:
-        return np.ascontiguousarray(head)
-    norms = np.linalg.norm(head, axis=1, keepdims=True)
-    unit: Vectors = (head / np.maximum(norms, 1e-12)).astype(np.float32)
+def _l2(vectors: Vectors) -> Vectors:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit: Vectors = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
     return unit
