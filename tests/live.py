@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -46,7 +46,11 @@ def live_app(
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait(base_url, "/ready" if wait_ready else "/health", deadline_s, server, thread)
+        wait_until_ok(
+            f"{base_url}{'/ready' if wait_ready else '/health'}",
+            deadline_s=deadline_s,
+            alive=lambda: None if thread.is_alive() else "its thread ended",
+        )
         yield base_url, app
     finally:
         server.should_exit = True
@@ -54,25 +58,27 @@ def live_app(
         sock.close()
 
 
-def _wait(
-    base_url: str, path: str, deadline_s: float, server: uvicorn.Server, thread: threading.Thread
+def wait_until_ok(
+    url: str, *, deadline_s: float, alive: Callable[[], str | None], interval_s: float = 0.05
 ) -> None:
+    """Poll ``url`` until it answers 200, under a deadline. ``alive`` returns why the server can
+    no longer answer (it stopped), or None while it runs."""
     deadline = time.monotonic() + deadline_s
     last = "no answer"
-    with httpx.Client(base_url=base_url, timeout=5) as client:
+    with httpx.Client(timeout=5) as client:
         while time.monotonic() < deadline:
-            if not thread.is_alive():
-                raise RuntimeError("the test server stopped during start-up")
-            if server.started:
-                try:
-                    response = client.get(path)
-                    if response.status_code == 200:
-                        return
-                    last = response.text
-                except httpx.TransportError as exc:
-                    last = repr(exc)
-            time.sleep(0.05)  # polling interval while waiting on a deadline, not a fixed wait
-    raise TimeoutError(f"{base_url}{path} not ready after {deadline_s} s: {last}")
+            gone = alive()
+            if gone is not None:
+                raise RuntimeError(f"the server stopped during start-up: {gone}")
+            try:
+                response = client.get(url)
+                if response.status_code == 200:
+                    return
+                last = response.text
+            except httpx.TransportError as exc:
+                last = repr(exc)
+            time.sleep(interval_s)  # polling interval while waiting on a deadline, not a fixed wait
+    raise TimeoutError(f"{url} not ready after {deadline_s} s: {last}")
 
 
 test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test

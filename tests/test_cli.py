@@ -23,6 +23,7 @@ from sentence_transformers import SentenceTransformer
 
 from emb_model_provider.core.config import ENV_PREFIX
 from tests.conftest import BUNDLED_DIR, DEFAULT_MODEL
+from tests.live import wait_until_ok
 
 SCRIPT = Path(sys.executable).parent / "emb-model-provider"
 #: A process that fails a setting must do so before it loads anything.
@@ -193,21 +194,12 @@ def started(
 
 
 def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_DEADLINE_S
-    last = "no answer"
-    with httpx.Client(timeout=5) as http:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"serve exited with {process.returncode}: {log.read_text()}")
-            try:
-                response = http.get(f"{url}/ready")
-                if response.status_code == 200:
-                    return
-                last = response.text
-            except httpx.TransportError as exc:
-                last = repr(exc)
-            time.sleep(0.1)  # polling interval while waiting on a deadline, not a fixed wait
-    pytest.fail(f"{url}/ready not ready after {START_DEADLINE_S} s: {last}\n{log.read_text()}")
+    def exited() -> str | None:
+        if process.poll() is None:
+            return None
+        return f"serve exited with {process.returncode}: {log.read_text()}"
+
+    wait_until_ok(f"{url}/ready", deadline_s=START_DEADLINE_S, alive=exited, interval_s=0.1)
 
 
 def test_serve_starts_answers_and_stops_cleanly_on_sigterm(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from emb_model_provider.core.errors import InvalidRequest, ProviderError, UpstreamFailed
+from emb_model_provider.core.errors import InvalidRequest, UpstreamFailed
 from emb_model_provider.inputs.images import (
     ImageInputError,
     InlineImage,
@@ -49,13 +49,8 @@ class ImageLoader:
                 try:
                     return await self._fetcher.fetch(ref.url)
                 except FetchError as exc:
-                    error: ProviderError
-                    if exc.status == 400:
-                        error = InvalidRequest(f"{label}: {exc.message}", param="input")
-                    else:
-                        error = UpstreamFailed(f"{label}: {exc.message}", param="input")
-                    error.code = exc.code
-                    raise error from exc
+                    kind = InvalidRequest if exc.status == 400 else UpstreamFailed
+                    raise kind(f"{label}: {exc.message}", param="input", code=exc.code) from exc
 
         tasks = [
             asyncio.ensure_future(one(ref, label)) for ref, label in zip(refs, labels, strict=True)
