@@ -56,7 +56,15 @@ async def _wait_disconnect(request: Request) -> None:
 async def create_embeddings(
     body: EmbeddingRequest, request: Request, service: ServiceDep
 ) -> Response:
-    content = await drop_if_disconnected(request, service.create(body))
-    if content is None:  # nobody is listening; 499 is nginx's "client closed request"
+    reply = await drop_if_disconnected(request, service.create(body))
+    if reply is None:  # nobody is listening; 499 is nginx's "client closed request"
         return Response(status_code=499)
-    return Response(content=content, media_type="application/json")
+    record_usage(request, model=reply.model, inputs=reply.inputs, tokens=reply.prompt_tokens)
+    return Response(content=reply.body, media_type="application/json")
+
+
+def record_usage(request: Request, *, model: str, inputs: int, tokens: int) -> None:
+    """What a request cost, on ``request.state`` for the access log, metrics and rate limits."""
+    request.state.model = model
+    request.state.inputs = inputs
+    request.state.tokens = tokens

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from emb_model_provider.api.deps import ServiceDep
-from emb_model_provider.api.embeddings import drop_if_disconnected
+from emb_model_provider.api.embeddings import drop_if_disconnected, record_usage
 from emb_model_provider.core.errors import InvalidRequest
 from emb_model_provider.protocol import (
     ErrorResponse,
@@ -83,6 +83,9 @@ async def embed_images(request: Request, service: ServiceDep) -> Response:
     )
     if result is None:
         return Response(status_code=499)
+    record_usage(
+        request, model=result.model, inputs=len(result.vectors), tokens=result.prompt_tokens
+    )
     latency_ms = (time.perf_counter() - started) * 1000
     return Response(
         content=render_image_embeddings(

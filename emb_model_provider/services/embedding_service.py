@@ -41,13 +41,23 @@ class Embedded:
     model: str
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A response body and what it cost: access logs, metrics and token rate limits read this."""
+
+    body: bytes
+    model: str
+    inputs: int
+    prompt_tokens: int
+
+
 class EmbeddingService:
     def __init__(self, models: ModelManager, limits: RequestLimits, images: ImageLoader) -> None:
         self._models = models
         self._limits = limits
         self._images = images
 
-    async def create(self, request: EmbeddingRequest) -> bytes:
+    async def create(self, request: EmbeddingRequest) -> Reply:
         spec = self._models.registry.get(request.model)
         inputs = request.inputs()
         self._check_count(len(inputs))
@@ -63,12 +73,13 @@ class EmbeddingService:
         result = await self.embed(
             spec, data, dimensions=request.dimensions, normalize=spec.normalize
         )
-        return render_embeddings(
+        body = render_embeddings(
             result.vectors,
             model=result.model,
             encoding_format=request.encoding_format or "float",
             prompt_tokens=result.prompt_tokens,
         )
+        return Reply(body, result.model, len(result.vectors), result.prompt_tokens)
 
     async def embed_images(
         self, model: str, values: Sequence[str | bytes], labels: Sequence[str], *, normalize: bool
