@@ -17,9 +17,10 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from emb_model_provider.core.errors import Internal, NotReady, Overloaded, ProviderError
 from emb_model_provider.encoders.base import PreparedInput, Vectors
@@ -31,6 +32,40 @@ logger = logging.getLogger(__name__)
 _ROUND_BATCHES = 8
 
 
+#: Upper bounds of the queue-wait histogram, in seconds (Prometheus' default buckets, finer at
+#: the low end where an idle server answers).
+QUEUE_WAIT_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
+)  # fmt: skip
+#: Upper bounds of the batch-size histogram, in inputs.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """A cumulative histogram in plain Python, so the batcher needs no metrics library: the
+    metrics collector reads it at scrape time. ``counts[i]`` counts observations <= ``bounds[i]``
+    (not cumulative over buckets); the last slot is +Inf."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        slot = len(self.bounds)
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                slot = index
+                break
+        self.counts[slot] += 1
+        self.total += value
+        self.count += 1
+
+
 @dataclass(slots=True)
 class BatcherStats:
     """Counters for metrics and tests; written by the worker thread only."""
@@ -40,6 +75,10 @@ class BatcherStats:
     #: Inputs dropped before they ran because their request was gone (client disconnected).
     skipped_inputs: int = 0
     failed_inputs: int = 0
+    #: Inputs per batch that ran.
+    batch_sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))
+    #: Seconds from an input's arrival in the queue to the start of its batch.
+    queue_wait_s: Histogram = field(default_factory=lambda: Histogram(QUEUE_WAIT_BUCKETS_S))
 
 
 @dataclass(slots=True)
@@ -47,6 +86,7 @@ class _Item:
     prepared: PreparedInput
     future: asyncio.Future[Vectors]
     loop: asyncio.AbstractEventLoop
+    enqueued_s: float  # time.perf_counter() when queued
 
 
 def _resolve(future: asyncio.Future[Vectors], result: Vectors | BaseException) -> None:
@@ -87,7 +127,8 @@ class DynamicBatcher:
     async def embed(self, inputs: Sequence[PreparedInput]) -> list[Vectors]:
         """One vector per input, in order. Cancelling the caller drops its queued inputs."""
         loop = asyncio.get_running_loop()
-        items = [_Item(p, loop.create_future(), loop) for p in inputs]
+        now = time.perf_counter()
+        items = [_Item(p, loop.create_future(), loop, now) for p in inputs]
         with self._cond:
             if self._stopping:
                 raise NotReady(f"model {self.name} is shutting down", code="shutting_down")
@@ -124,7 +165,7 @@ class DynamicBatcher:
                 take = min(len(self._pending), self._max_batch_size * _ROUND_BATCHES)
                 round_items = [self._pending.popleft() for _ in range(take)]
             for batch in self._cut(round_items):
-                self._run_batch(batch)
+                self._start_batch(batch)
 
     def _cut(self, items: list[_Item]) -> list[list[_Item]]:
         live = sorted(items, key=lambda item: item.prepared.n_tokens)
@@ -141,6 +182,17 @@ class DynamicBatcher:
         if current:
             batches.append(current)
         return batches
+
+    def _start_batch(self, batch: list[_Item]) -> None:
+        live = [item for item in batch if not item.future.done()]
+        self.stats.skipped_inputs += len(batch) - len(live)
+        if not live:
+            return
+        started = time.perf_counter()
+        self.stats.batch_sizes.observe(len(live))
+        for item in live:
+            self.stats.queue_wait_s.observe(started - item.enqueued_s)
+        self._run_batch(live)
 
     def _run_batch(self, batch: list[_Item]) -> None:
         live = [item for item in batch if not item.future.done()]

@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible embeddings API")
     for flag, (_, kind, help_text) in _SERVE_FLAGS.items():
         serve.add_argument(flag, type=kind, help=help_text)
+    hash_key = commands.add_parser(
+        "hash-key",
+        help="print the sha256:<hex> hash of an API key for EMB_PROVIDER_*_KEY_HASHES",
+        description=(
+            "Print the hash of KEY (- reads it from stdin, keeping it out of the shell history). "
+            "Without KEY, make a new random key and print it, then its hash, one per line."
+        ),
+    )
+    hash_key.add_argument("key", nargs="?", help="the key to hash; - reads it from stdin")
     return parser
 
 
@@ -82,7 +91,7 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"invalid setting {exc.setting}: {exc.message}")
     # Logging starts once the settings are known to work, so that a bad one is reported in one
     # line, not after INFO lines from the checks that ran before it.
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_after_shutdown)
     uvicorn.run(
@@ -91,8 +100,29 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         log_level=settings.log_level,
+        # Ours (api/middleware.py) carries the request id, model and tokens.
+        access_log=not settings.access_log,
         timeout_graceful_shutdown=30,
+        # X-Forwarded-For is read by api/auth.py, from EMB_PROVIDER_TRUSTED_PROXIES only;
+        # uvicorn's default would also believe it from any process on 127.0.0.1.
+        proxy_headers=False,
     )
+    return 0
+
+
+def hash_key(key: str | None) -> int:
+    from emb_model_provider.security.keys import generate_key
+    from emb_model_provider.security.keys import hash_key as hashed
+
+    if key == "-":
+        key = sys.stdin.readline().strip()
+    if key is not None and not key:
+        return _fail("hash-key: the key is empty")
+    if key is None:
+        key = generate_key()
+        sys.stderr.write("new API key (give it to the client; it is not stored), then its hash:\n")
+        sys.stdout.write(f"{key}\n")
+    sys.stdout.write(f"{hashed(key)}\n")
     return 0
 
 
@@ -111,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "hash-key":
+        return hash_key(args.key)
     return _fail(f"unknown command {args.command}")
 
 

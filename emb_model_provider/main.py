@@ -7,26 +7,73 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from emb_model_provider import __version__
-from emb_model_provider.api import embeddings, health, images, models
+from emb_model_provider.api import admin, embeddings, health, images, models
+from emb_model_provider.api.auth import install_access_control, require_admin
 from emb_model_provider.api.exceptions import install_error_handlers
+from emb_model_provider.api.metrics import install_observability
 from emb_model_provider.core.config import Settings
-from emb_model_provider.core.device import resolve_placement
+from emb_model_provider.core.device import Placement, accelerator_memory, resolve_placement
 from emb_model_provider.core.errors import ConfigError, ProviderError
 from emb_model_provider.encoders.base import LoadOptions
-from emb_model_provider.registry import Registry
+from emb_model_provider.registry import ModelSpec, Registry
 from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
 from emb_model_provider.services.embedding_service import EmbeddingService, RequestLimits
 from emb_model_provider.services.image_inputs import ImageLoader
-from emb_model_provider.services.models import BatchLimits, ModelManager
+from emb_model_provider.services.models import BatchLimits, Lifecycle, ModelManager
 from emb_model_provider.services.readiness import Readiness
 
 logger = logging.getLogger(__name__)
+
+
+def _model_manager(
+    settings: Settings, registry: Registry, default_spec: ModelSpec, placement: Placement
+) -> ModelManager:
+    options = LoadOptions(
+        device=str(placement.device),
+        dtype=str(placement.dtype).removeprefix("torch."),
+        hf_token=settings.hf_token_value(),
+        cache_dir=str(settings.cache_dir) if settings.cache_dir else None,
+        num_threads=settings.num_threads,
+        max_image_pixels=settings.max_image_pixels,
+    )
+    return ModelManager(
+        registry,
+        options,
+        BatchLimits(
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_queue_inputs=settings.max_queue_inputs,
+        ),
+        warmup=settings.warmup,
+        lifecycle=Lifecycle(
+            idle_unload_s=settings.model_idle_unload_s,
+            max_loaded_models=settings.max_loaded_models,
+            max_loaded_bytes=settings.max_loaded_memory_mb * 1_000_000,
+            pinned=frozenset({default_spec.name}) if settings.pin_default_model else frozenset(),
+        ),
+    )
+
+
+def _image_loader(settings: Settings) -> ImageLoader:
+    try:
+        fetch_policy = FetchPolicy(
+            allow_urls=settings.allow_image_urls,
+            allowlist=settings.url_allowlist_entries(),
+            max_bytes=settings.max_image_bytes,
+            connect_timeout_s=min(5.0, settings.max_url_timeout),
+            total_timeout_s=settings.max_url_timeout,
+            max_redirects=settings.max_url_redirects,
+        )
+    except ValueError as exc:
+        raise ConfigError("EMB_PROVIDER_URL_ALLOWLIST", str(exc)) from exc
+    return ImageLoader(ImageFetcher(fetch_policy), max_bytes=settings.max_image_bytes)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -40,36 +87,8 @@ def create_app(settings: Settings) -> FastAPI:
         )
     default_spec = registry.get(settings.default_model)
     placement = resolve_placement(settings.device, settings.dtype)
-    options = LoadOptions(
-        device=str(placement.device),
-        dtype=str(placement.dtype).removeprefix("torch."),
-        hf_token=settings.hf_token_value(),
-        cache_dir=str(settings.cache_dir) if settings.cache_dir else None,
-        num_threads=settings.num_threads,
-        max_image_pixels=settings.max_image_pixels,
-    )
-    manager = ModelManager(
-        registry,
-        options,
-        BatchLimits(
-            max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_queue_inputs=settings.max_queue_inputs,
-        ),
-        warmup=settings.warmup,
-    )
-    try:
-        fetch_policy = FetchPolicy(
-            allow_urls=settings.allow_image_urls,
-            allowlist=settings.url_allowlist_entries(),
-            max_bytes=settings.max_image_bytes,
-            connect_timeout_s=min(5.0, settings.max_url_timeout),
-            total_timeout_s=settings.max_url_timeout,
-            max_redirects=settings.max_url_redirects,
-        )
-    except ValueError as exc:
-        raise ConfigError("EMB_PROVIDER_URL_ALLOWLIST", str(exc)) from exc
-    image_loader = ImageLoader(ImageFetcher(fetch_policy), max_bytes=settings.max_image_bytes)
+    manager = _model_manager(settings, registry, default_spec, placement)
+    image_loader = _image_loader(settings)
     service = EmbeddingService(
         manager,
         RequestLimits(
@@ -99,11 +118,13 @@ def create_app(settings: Settings) -> FastAPI:
             default_spec.name,
         )
         loader = asyncio.create_task(load_default(), name="load-default-model")
+        housekeeper = asyncio.create_task(manager.run_housekeeping(), name="housekeeping")
         try:
             yield
         finally:
             loader.cancel()
-            await asyncio.gather(loader, return_exceptions=True)
+            housekeeper.cancel()
+            await asyncio.gather(loader, housekeeper, return_exceptions=True)
             await asyncio.to_thread(manager.close)
             await image_loader.aclose()
 
@@ -117,9 +138,17 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.models = manager
     app.state.embedding_service = service
     app.state.readiness = readiness
+    app.state.placement = placement.describe()
+    app.state.started_monotonic = time.monotonic()
+    app.state.accelerator_memory = lambda: accelerator_memory(placement.device)
     install_error_handlers(app)
+    install_access_control(app, settings)
+    # After access control, so that its refusals also carry a request id and are logged.
+    install_observability(app, settings, manager, app.state.accelerator_memory)
     app.include_router(embeddings.router)
     app.include_router(images.router)
     app.include_router(models.router)
+    app.include_router(admin.router, dependencies=[Depends(require_admin)])
+    app.include_router(admin.status_router)
     app.include_router(health.router)
     return app

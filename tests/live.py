@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from emb_model_provider.core.config import Settings
+from emb_model_provider.core.config import ENV_PREFIX, Settings
 from emb_model_provider.main import create_app
 
 
@@ -40,7 +45,15 @@ def live_app(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        # As ``serve`` runs it: X-Forwarded-For is api/auth.py's to read (trusted proxies only).
+        proxy_headers=False,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -79,6 +92,62 @@ def wait_until_ok(
                 last = repr(exc)
             time.sleep(interval_s)  # polling interval while waiting on a deadline, not a fixed wait
     raise TimeoutError(f"{url} not ready after {deadline_s} s: {last}")
+
+
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServeProcess:
+    """``emb-model-provider serve`` running in its own process (for signals and its RSS)."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def rss_bytes(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text(encoding="ascii")
+        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+
+@contextmanager
+def serve_process(
+    folder: Path, *flags: str, deadline_s: float = 180, **settings: str
+) -> Iterator[ServeProcess]:
+    """Start the console script on a free 127.0.0.1 port with ``EMB_PROVIDER_*`` = ``settings``
+    (the caller's own cleared), in ``folder``, and wait for /ready; kill it on the way out."""
+    script = Path(sys.executable).parent / "emb-model-provider"
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+    env["HF_HUB_OFFLINE"] = "1"
+    env.update({f"{ENV_PREFIX}{key.upper()}": value for key, value in settings.items()})
+    log = folder / "serve.log"
+    command = [str(script), "serve", "--port", str(port), "--device", "cpu", *flags]
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+        served = ServeProcess(process, f"http://127.0.0.1:{port}", log)
+        try:
+
+            def exited() -> str | None:
+                if process.poll() is None:
+                    return None
+                return f"exit {process.returncode}: {log.read_text(errors='replace')}"
+
+            wait_until_ok(f"{served.url}/ready", deadline_s=deadline_s, alive=exited)
+            yield served
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(60)
 
 
 test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test

@@ -207,3 +207,31 @@ def test_stop_finishes_accepted_inputs_and_refuses_new_ones() -> None:
     assert outcome[0][0] == 0
     with pytest.raises(NotReady):
         asyncio.run(batcher.embed(_inputs(1)))
+
+
+def test_a_batch_too_big_for_the_device_is_split_and_every_input_answered() -> None:
+    """What CUDA out-of-memory looks like to the batcher: a batch over some size raises; the
+    batcher halves it until the pieces fit, and no request fails."""
+    sizes: list[int] = []
+
+    def encode(batch: Sequence[PreparedInput]) -> Vectors:
+        sizes.append(len(batch))
+        if len(batch) > 3:
+            raise MemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return np.array([[float(item.payload)] for item in batch], dtype=np.float32)  # type: ignore[arg-type]
+
+    batcher = DynamicBatcher(
+        "oom", encode, max_batch_size=16, max_batch_tokens=10_000, max_queue_inputs=100
+    )
+
+    async def run() -> list[Vectors]:
+        return await batcher.embed(_inputs(*[5] * 16))
+
+    try:
+        rows = asyncio.run(run())
+    finally:
+        batcher.stop()
+    assert [row[0] for row in rows] == list(range(16))
+    assert max(size for size in sizes if size <= 3) <= 3
+    assert sizes[0] == 16
+    assert batcher.stats.failed_inputs == 0

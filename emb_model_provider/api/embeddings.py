@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
 
+from emb_model_provider.api.auth import check_model_access
 from emb_model_provider.api.deps import ServiceDep
 from emb_model_provider.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse
 
@@ -25,7 +26,8 @@ async def drop_if_disconnected(request: Request, work: Awaitable[T]) -> T | None
     queued inputs are skipped by the batcher.
 
     The body has been read already, so the next ``receive()`` only returns when the client
-    disconnects (or the response is done); uvicorn reports ``http.disconnect`` then.
+    disconnects (or the response is done); uvicorn reports ``http.disconnect`` then. When this
+    coroutine is cancelled itself (the request timed out), ``work`` is cancelled with it.
     """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
@@ -38,6 +40,7 @@ async def drop_if_disconnected(request: Request, work: Awaitable[T]) -> T | None
         return None
     finally:
         watcher.cancel()
+        task.cancel()  # a no-op once done; else our caller was cancelled and nobody will read it
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -56,6 +59,7 @@ async def _wait_disconnect(request: Request) -> None:
 async def create_embeddings(
     body: EmbeddingRequest, request: Request, service: ServiceDep
 ) -> Response:
+    check_model_access(request, body.model)
     reply = await drop_if_disconnected(request, service.create(body))
     if reply is None:  # nobody is listening; 499 is nginx's "client closed request"
         return Response(status_code=499)

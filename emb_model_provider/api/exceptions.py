@@ -142,7 +142,9 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    # Set by api/middleware.py; this handler runs outside it (in FastAPI's ServerErrorMiddleware),
+    # so it also puts the id on the response itself.
+    request_id = str(getattr(request.state, "request_id", "") or uuid.uuid4().hex)
     logger.error(
         "unhandled error in %s %s (request %s)",
         request.method,
@@ -155,6 +157,7 @@ def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         f"The server had an error while processing your request (request id {request_id}).",
         type_="server_error",
         code="internal_error",
+        headers={"X-Request-ID": request_id},
     )
 
 

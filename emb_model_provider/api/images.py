@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from emb_model_provider.api.auth import check_model_access
 from emb_model_provider.api.deps import ServiceDep
 from emb_model_provider.api.embeddings import drop_if_disconnected, record_usage
 from emb_model_provider.core.errors import InvalidRequest
@@ -74,6 +75,7 @@ async def embed_images(request: Request, service: ServiceDep) -> Response:
         model, normalize = body.model, body.normalize
         ids = [item.id for item in body.images]
         values = [item.image_url or item.image_base64 or "" for item in body.images]
+    check_model_access(request, model)
     labels = [
         f"images[{index}]" + (f" (id {item_id!r})" if item_id is not None else "")
         for index, item_id in enumerate(ids)

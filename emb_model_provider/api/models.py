@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
+from emb_model_provider.api.auth import check_model_access, may_see_model
 from emb_model_provider.api.deps import ModelsDep
 from emb_model_provider.protocol import ErrorResponse, ModelCard, ModelList
 from emb_model_provider.registry import ModelSpec
@@ -27,12 +28,16 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(models: ModelsDep) -> ModelList:
-    return ModelList(data=[_card(spec, models) for spec in models.registry])
+async def list_models(request: Request, models: ModelsDep) -> ModelList:
+    # A key limited to some models sees only those, as OpenAI lists the models one may use.
+    return ModelList(
+        data=[_card(spec, models) for spec in models.registry if may_see_model(request, spec.names)]
+    )
 
 
 @router.get(
     "/v1/models/{model:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}}
 )
-async def retrieve_model(model: str, models: ModelsDep) -> ModelCard:
+async def retrieve_model(model: str, request: Request, models: ModelsDep) -> ModelCard:
+    check_model_access(request, model)
     return _card(models.registry.get(model), models)

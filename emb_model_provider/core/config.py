@@ -18,9 +18,11 @@ ENV_PREFIX = "EMB_PROVIDER_"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["text", "json"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_ORIGIN_RE = re.compile(r"^(\*|https?://[^/\s]+)$")
 
 
 class Settings(BaseSettings):
@@ -67,6 +69,19 @@ class Settings(BaseSettings):
     hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated models.")
     cache_dir: Path | None = Field(None, description="Hugging Face hub cache directory.")
     warmup: bool = Field(True, description="Run a warm-up batch when a model loads.")
+    # -- model lifecycle --
+    model_idle_unload_s: float = Field(
+        0, ge=0, description="Unload a model unused for this many seconds; 0 keeps models loaded."
+    )
+    max_loaded_models: int = Field(
+        0, ge=0, description="Most models loaded at once (least recently used go first); 0: any."
+    )
+    max_loaded_memory_mb: int = Field(
+        0, ge=0, description="Most MB of model weights loaded at once; 0: no limit."
+    )
+    pin_default_model: bool = Field(
+        True, description="The default model is never unloaded by idleness or eviction."
+    )
     allow_image_urls: bool = Field(
         True, description="Fetch http(s) image URLs (false: only inline base64 images)."
     )
@@ -89,6 +104,67 @@ class Settings(BaseSettings):
     max_url_redirects: int = Field(3, ge=0, description="Redirects followed per image URL.")
     num_threads: int = Field(
         0, ge=0, description="torch intra-op threads on CPU; 0 keeps torch's default."
+    )
+    # -- operations: logs, metrics, HTTP limits (api/middleware.py) --
+    log_format: LogFormat = Field(
+        "text", description="text (one line per record) | json (one JSON object per line)."
+    )
+    access_log: bool = Field(
+        True, description="One access-log line per request (uvicorn's own is then off)."
+    )
+    metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    cors_origins: str = Field(
+        "", description="Comma-separated origins (https://app.example, or *); empty: CORS off."
+    )
+    gzip_min_bytes: int = Field(
+        65536,
+        ge=0,
+        description="Gzip responses at least this large when the client accepts it; 0: off.",
+    )
+    max_request_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="Largest request body in bytes (413 beyond)."
+    )
+    request_timeout_s: float = Field(
+        120.0, ge=0, description="Seconds a request may take before a 504; 0: no limit."
+    )
+
+    # -- access control (api/auth.py); every one is off by default --
+    api_key_hashes: str = Field(
+        "",
+        description=(
+            "Comma-separated sha256:<hex> hashes of the API keys clients send as "
+            "`Authorization: Bearer <key>` (`emb-model-provider hash-key` makes one). "
+            "No key here nor in EMB_PROVIDER_API_KEYS_FILE: the API is open."
+        ),
+    )
+    api_keys_file: Path | None = Field(
+        None, description="YAML file of key hashes, each with an optional name and models list."
+    )
+    admin_key_hashes: str = Field(
+        "",
+        description="Comma-separated sha256:<hex> hashes of admin keys; none: admin routes off.",
+    )
+    rate_limit_rpm: int = Field(
+        0, ge=0, description="Requests per minute per API key (per client IP when open); 0: off."
+    )
+    rate_limit_tpm: int = Field(
+        0, ge=0, description="Tokens per minute per API key (per client IP when open); 0: off."
+    )
+    rate_limit_window_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="Seconds the rate limits refill over; 60 makes them per minute (tests: less).",
+    )
+    client_allowlist: str = Field(
+        "", description="Comma-separated CIDRs that may call the API; empty: every address."
+    )
+    trusted_proxies: str = Field(
+        "",
+        description=(
+            "Comma-separated CIDRs of reverse proxies whose X-Forwarded-For is believed "
+            "(the right-most address not in this set is the client)."
+        ),
     )
 
     @field_validator("device")
@@ -115,7 +191,7 @@ class Settings(BaseSettings):
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("models_file")
+    @field_validator("models_file", "api_keys_file")
     @classmethod
     def _models_file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -128,6 +204,18 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_shape(cls, value: str) -> str:
+        for origin in (entry.strip() for entry in value.split(",")):
+            if origin and not _ORIGIN_RE.match(origin):
+                # Browsers send Origin as scheme://host[:port]; a path or slash never matches.
+                raise ValueError(f"{origin!r} is not * nor scheme://host[:port]")
+        return value
+
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return tuple(entry.strip() for entry in self.cors_origins.split(",") if entry.strip())
 
     def url_allowlist_entries(self) -> tuple[str, ...]:
         return tuple(entry.strip() for entry in self.url_allowlist.split(",") if entry.strip())

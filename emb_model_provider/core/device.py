@@ -70,3 +70,14 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 def resolve_placement(device_setting: str, dtype_setting: str) -> Placement:
     device = resolve_device(device_setting)
     return Placement(device=device, dtype=resolve_dtype(dtype_setting, device))
+
+
+def accelerator_memory(device: torch.device) -> dict[str, int] | None:
+    """Bytes allocated and reserved by torch on a CUDA device; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return {
+        "allocated_bytes": int(torch.cuda.memory_allocated(device)),
+        "reserved_bytes": int(torch.cuda.memory_reserved(device)),
+        "total_bytes": int(torch.cuda.get_device_properties(device).total_memory),
+    }

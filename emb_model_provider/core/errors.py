@@ -96,6 +96,21 @@ class Internal(ProviderError):
     default_code = "internal_error"
 
 
+class AuthenticationFailed(ProviderError):
+    """No API key, or one that is not configured (OpenAI: 401, ``invalid_api_key``)."""
+
+    status_code = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(ProviderError):
+    """The caller is known but may not do this (a client address, admin routes switched off)."""
+
+    status_code = 403
+    type = "request_forbidden"  # OpenAI's type for its 403 answers
+
+
 class ConfigError(Exception):
     """A setting that cannot work; raised at start-up and reported as one line."""
 

@@ -49,6 +49,8 @@ class Encoder(Protocol):
     max_input_tokens: int
     #: What the model runs on, e.g. ``"cpu (float32)"``; for logs and /v1/models.
     placement: str
+    #: Bytes of weights held on the device (eviction limits and the admin listing).
+    memory_bytes: int
 
     def prepare(self, inputs: Sequence[str | bytes], *, truncate: bool) -> list[PreparedInput]:
         """Tokenise texts (``str``) or decode and preprocess images (``bytes``); thread-safe,
@@ -62,4 +64,8 @@ class Encoder(Protocol):
 
     def warmup(self) -> None:
         """Run the model once so that the first request does not pay for lazy initialisation."""
+        ...
+
+    def close(self) -> None:
+        """Free the weights; the encoder is not used afterwards."""
         ...

@@ -26,7 +26,12 @@ from transformers import AutoImageProcessor, AutoModel, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
-from emb_model_provider.encoders.runtime import torch_runtime
+from emb_model_provider.encoders.runtime import (
+    oom_releases_cache,
+    release,
+    torch_runtime,
+    weight_bytes,
+)
 from emb_model_provider.encoders.sources import SourceError, resolve_source
 from emb_model_provider.inputs.images import ImageInputError, decode_image
 
@@ -53,6 +58,7 @@ class ImageEncoder:
         self._device = device
         self._dtype = dtype
         self.placement = f"{device} ({str(dtype).removeprefix('torch.')})"
+        self.memory_bytes = weight_bytes(model)
         self._forward_lock = threading.Lock()
         probe = self._forward(preprocess([_blank_image()]))
         self.dimensions = int(probe[1].shape[1])
@@ -80,7 +86,11 @@ class ImageEncoder:
         return pooled
 
     def _forward(self, pixels: torch.Tensor) -> tuple[int, Vectors]:
-        with self._forward_lock, torch.inference_mode():
+        with (
+            self._forward_lock,
+            oom_releases_cache(self._device),
+            torch.inference_mode(),
+        ):
             pixel_values = pixels.to(self._device, dtype=self._dtype, non_blocking=True)
             output = self._model(pixel_values=pixel_values)
             pooled = output.pooler_output.float()
@@ -89,6 +99,10 @@ class ImageEncoder:
 
     def warmup(self) -> None:
         self.encode(self.prepare([_blank_png()] * 2, truncate=True))
+
+    def close(self) -> None:
+        with self._forward_lock:
+            release(self._model, self._device)
 
 
 def _blank_image() -> object:

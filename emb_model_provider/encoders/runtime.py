@@ -1,8 +1,10 @@
-"""What every torch encoder loader does first: the device, the dtype and torch's threads."""
+"""What every torch encoder shares: the device, dtype and threads at load, weight size, release."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 from typing import cast
 
 import torch
@@ -19,3 +21,30 @@ def torch_runtime(options: LoadOptions) -> tuple[torch.device, torch.dtype]:
     # Weight loading progress bars are noise in a server's log.
     cast(Callable[[], None], hf_logging.disable_progress_bar)()  # untyped in transformers
     return torch.device(options.device), _DTYPES[options.dtype]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (what loading it costs on its device)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def release(model: torch.nn.Module, device: torch.device) -> None:
+    """Free the model's weights now rather than whenever the last reference goes: moving it to
+    the ``meta`` device drops every storage; on CUDA the cached blocks go back to the driver."""
+    model.to("meta")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def oom_releases_cache(device: torch.device) -> Iterator[None]:
+    """On CUDA out-of-memory give the cached blocks back before the error reaches the batcher,
+    which retries the batch in halves: the halves then have the memory the whole one could not."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise

@@ -23,7 +23,12 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
-from emb_model_provider.encoders.runtime import torch_runtime
+from emb_model_provider.encoders.runtime import (
+    oom_releases_cache,
+    release,
+    torch_runtime,
+    weight_bytes,
+)
 from emb_model_provider.encoders.sources import SourceError, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -101,6 +106,7 @@ class TextEncoder:
         self.max_input_tokens = max_input_tokens
         self.dimensions = int(model.config.hidden_size)
         self.placement = f"{device} ({str(dtype).removeprefix('torch.')})"
+        self.memory_bytes = weight_bytes(model)
         # Two read-only Rust tokenizers: encode_batch takes &self, so many request threads can
         # share them, while changing truncation per call on one tokenizer would race.
         self._truncating = Tokenizer.from_str(tokenizer.to_str())
@@ -131,7 +137,11 @@ class TextEncoder:
             assert isinstance(ids, np.ndarray)
             input_ids[row, : ids.shape[0]] = ids
             attention_mask[row, : ids.shape[0]] = 1
-        with self._forward_lock, torch.inference_mode():
+        with (
+            self._forward_lock,
+            oom_releases_cache(self._device),
+            torch.inference_mode(),
+        ):
             ids_t = torch.from_numpy(input_ids).to(self._device, non_blocking=True)
             mask_t = torch.from_numpy(attention_mask).to(self._device, non_blocking=True)
             hidden = self._model(
@@ -155,6 +165,10 @@ class TextEncoder:
     def warmup(self) -> None:
         for texts in (["warm up"], ["warm up the encoder with a longer sentence"] * 4):
             self.encode(self.prepare(texts, truncate=True))
+
+    def close(self) -> None:
+        with self._forward_lock:
+            release(self._model, self._device)
 
 
 def _text(index: int, value: str | bytes) -> str:

@@ -110,13 +110,13 @@ class EmbeddingService:
     ) -> Embedded:
         """Vectors for ``data``: the first ``dimensions`` components, L2-normalised when asked
         (Matryoshka-style: a prefix of a unit vector is scaled back to unit length)."""
-        model = await self._models.get(spec)
-        self._check_dimensions(dimensions, model.encoder.dimensions)
-        prepared = await asyncio.to_thread(
-            model.encoder.prepare, data, truncate=self._limits.truncate
-        )
-        prompt_tokens = self._check_tokens(prepared, model)
-        vectors = _stack(await model.batcher.embed(prepared))
+        async with self._models.use(spec) as model:
+            self._check_dimensions(dimensions, model.encoder.dimensions)
+            prepared = await asyncio.to_thread(
+                model.encoder.prepare, data, truncate=self._limits.truncate
+            )
+            prompt_tokens = self._check_tokens(prepared, model)
+            vectors = _stack(await model.batcher.embed(prepared))
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if normalize:

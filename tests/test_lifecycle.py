@@ -1,0 +1,191 @@
+"""Model lifecycle: admin listing, load, unload, pinning, LRU eviction, idle unloading, and
+/api/status, through live servers serving the bundled model under several names."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from emb_model_provider.encoders.base import LoadOptions
+from emb_model_provider.registry import ModelSpec, Registry
+from emb_model_provider.security.keys import hash_key
+from emb_model_provider.services.models import BatchLimits, ModelManager
+from tests.conftest import BUNDLED_DIR, DEFAULT_MODEL
+from tests.live import live_server, test_settings
+
+DEADLINE_S = 60
+ADMIN_KEY = "sk-admin-lifecycle-test"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def _models_file(folder: Path, *names: str) -> Path:
+    path = folder / "models.yaml"
+    entries = "".join(f"  - name: {name}\n    source: {BUNDLED_DIR}\n" for name in names)
+    path.write_text(f"models:\n{entries}", encoding="utf-8")
+    return path
+
+
+def _poll(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)  # polling interval under a deadline
+    raise TimeoutError(what)
+
+
+def _states(http: httpx.Client) -> dict[str, dict[str, object]]:
+    response = http.get("/api/models")
+    assert response.status_code == 200, response.text
+    return {entry["name"]: entry for entry in response.json()["data"]}
+
+
+def _embed(url: str, model: str) -> None:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+    assert len(client.embeddings.create(model=model, input="lifecycle").data) == 1
+
+
+@pytest.fixture(scope="module")
+def lru_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    models_file = _models_file(tmp_path_factory.mktemp("lru"), "second", "third")
+    settings = test_settings(
+        models_file=models_file, max_loaded_models=2, admin_key_hashes=hash_key(ADMIN_KEY)
+    )
+    with live_server(settings) as url:
+        yield url
+
+
+def test_admin_lists_loads_and_unloads(lru_server: str) -> None:
+    with httpx.Client(base_url=lru_server, timeout=60, headers=ADMIN) as http:
+        states = _states(http)
+        assert states[DEFAULT_MODEL]["state"] == "loaded"
+        assert states[DEFAULT_MODEL]["pinned"] is True
+        assert states[DEFAULT_MODEL]["memory_bytes"] > 80_000_000  # 22.7 M float32 parameters
+        assert states["second"]["state"] in ("not_loaded", "loaded")
+
+        loaded = http.post("/api/models/second/load").json()
+        assert loaded["state"] == "loaded"
+        assert loaded["memory_bytes"] == states[DEFAULT_MODEL]["memory_bytes"]
+        cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
+        assert cards["second"]["loaded"] is True
+
+        unloaded = http.post("/api/models/second/unload").json()
+        assert unloaded["unloaded"] is True
+        assert unloaded["state"] == "not_loaded"
+        assert http.get("/v1/models/second").json()["loaded"] is False
+        again = http.post("/api/models/second/unload").json()
+        assert again["unloaded"] is False
+        # The next request loads it again, transparently.
+        _embed(lru_server, "second")
+        assert _states(http)["second"]["state"] == "loaded"
+
+
+def test_the_pinned_default_needs_force(lru_server: str) -> None:
+    with httpx.Client(base_url=lru_server, timeout=60, headers=ADMIN) as http:
+        refused = http.post(f"/api/models/{DEFAULT_MODEL}/unload")
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "model_pinned"
+        assert _states(http)[DEFAULT_MODEL]["state"] == "loaded"
+        forced = http.post(f"/api/models/{DEFAULT_MODEL}/unload", params={"force": "true"})
+        assert forced.json()["unloaded"] is True
+        _embed(lru_server, DEFAULT_MODEL)  # comes back on the next request
+        assert _states(http)[DEFAULT_MODEL]["state"] == "loaded"
+
+
+def test_least_recently_used_is_evicted_never_the_pinned_default(lru_server: str) -> None:
+    with httpx.Client(base_url=lru_server, timeout=60, headers=ADMIN) as http:
+        _embed(lru_server, "second")
+        _embed(lru_server, "third")  # a third model over max_loaded_models=2
+        states = _states(http)
+        assert states["third"]["state"] == "loaded"
+        assert states["second"]["state"] == "not_loaded"
+        assert states[DEFAULT_MODEL]["state"] == "loaded"  # pinned, although used least recently
+        _embed(lru_server, "second")
+        states = _states(http)
+        assert states["third"]["state"] == "not_loaded"
+        assert [name for name, entry in states.items() if entry["state"] == "loaded"] == [
+            DEFAULT_MODEL,
+            "second",
+        ]
+
+
+def test_admin_routes_need_the_admin_key(lru_server: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer sk-not-the-admin"}):
+        for method, path in (("GET", "/api/models"), ("POST", "/api/models/second/unload")):
+            response = httpx.request(method, f"{lru_server}{path}", headers=headers, timeout=30)
+            assert response.status_code == 401, response.text
+            assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_admin_routes_are_off_without_an_admin_key(server_url: str) -> None:
+    response = httpx.get(f"{server_url}/api/models", headers=ADMIN, timeout=30)
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "admin_disabled"
+
+
+def test_unknown_model_and_failed_load(lru_server: str) -> None:
+    with httpx.Client(base_url=lru_server, timeout=60, headers=ADMIN) as http:
+        missing = http.post("/api/models/nope/load")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_status_reports_device_memory_uptime_and_queues(lru_server: str) -> None:
+    with httpx.Client(base_url=lru_server, timeout=60, headers=ADMIN) as http:
+        _embed(lru_server, DEFAULT_MODEL)
+        status = http.get("/api/status").json()
+    assert status["device"] == "cpu (float32)"
+    assert status["uptime_s"] > 0
+    assert status["memory"]["process_rss_bytes"] > status["memory"]["model_weights_bytes"] > 0
+    assert status["memory"]["accelerator"] is None
+    assert status["ready"] is True
+    default = status["models"][DEFAULT_MODEL]
+    assert default["queued_inputs"] == 0
+    assert default["encoded_inputs"] >= 1
+
+
+def test_idle_models_are_unloaded_but_not_the_pinned_default(tmp_path: Path) -> None:
+    models_file = _models_file(tmp_path, "second")
+    settings = test_settings(
+        models_file=models_file, model_idle_unload_s=0.5, admin_key_hashes=hash_key(ADMIN_KEY)
+    )
+    with (
+        live_server(settings) as url,
+        httpx.Client(base_url=url, timeout=60, headers=ADMIN) as http,
+    ):
+        _embed(url, "second")
+        _poll(lambda: _states(http)["second"]["state"] == "not_loaded", "never unloaded")
+        assert _states(http)[DEFAULT_MODEL]["state"] == "loaded"
+
+
+def test_unload_waits_for_the_requests_using_the_model() -> None:
+    """An unload that arrives while a request holds the model lets that request finish."""
+    spec = ModelSpec(name="busy", source=str(BUNDLED_DIR), modality="text")
+    manager = ModelManager(
+        Registry([spec]),
+        LoadOptions(device="cpu", dtype="float32"),
+        BatchLimits(max_batch_size=8, max_batch_tokens=4096, max_queue_inputs=64),
+        warmup=False,
+    )
+
+    async def run() -> tuple[int, bool]:
+        async with manager.use(spec) as model:
+            unload = asyncio.ensure_future(manager.unload("busy"))
+            await asyncio.sleep(0)  # let the unload start and wait for this request
+            assert not unload.done()
+            prepared = model.encoder.prepare(["still served"], truncate=True)
+            vectors = await model.batcher.embed(prepared)
+        return len(vectors), await unload
+
+    try:
+        count, unloaded = asyncio.run(run())
+    finally:
+        manager.close()
+    assert (count, unloaded) == (1, True)
+    assert manager.loaded("busy") is None
