@@ -14,14 +14,16 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
+from emb_model_provider.encoders import bert_unpadded
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
     oom_releases_cache,
@@ -116,6 +118,12 @@ class TextEncoder:
         self._full.no_padding()
         self._full.no_truncation()
         self._forward_lock = threading.Lock()
+        #: BERT models run without padding in their dense layers (``bert_unpadded``); other
+        #: architectures take the padded transformers forward.
+        self._unpadded = (
+            bert_unpadded.UnpaddedBert(model) if bert_unpadded.supports(model) else None
+        )
+        self.backend = "bert-unpadded" if self._unpadded is not None else "transformers"
 
     def prepare(self, inputs: Sequence[str | bytes], *, truncate: bool) -> list[PreparedInput]:
         texts = [_text(index, value) for index, value in enumerate(inputs)]
@@ -129,12 +137,22 @@ class TextEncoder:
         ]
 
     def encode(self, batch: Sequence[PreparedInput]) -> Vectors:
-        longest = max(item.n_tokens for item in batch)
+        ids = [cast(npt.NDArray[np.int64], item.payload) for item in batch]
+        if self._unpadded is not None:
+            with (
+                self._forward_lock,
+                oom_releases_cache(self._device),
+                torch.inference_mode(),
+            ):
+                pooled = self._unpadded.pooled(ids, self._device, self.pooling)
+                return pooled.cpu().numpy().astype(np.float32, copy=False)
+        return self._encode_padded(ids)
+
+    def _encode_padded(self, batch: Sequence[npt.NDArray[np.int64]]) -> Vectors:
+        longest = max(ids.shape[0] for ids in batch)
         input_ids = np.full((len(batch), longest), self._pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(batch), longest), dtype=np.int64)
-        for row, item in enumerate(batch):
-            ids = item.payload
-            assert isinstance(ids, np.ndarray)
+        for row, ids in enumerate(batch):
             input_ids[row, : ids.shape[0]] = ids
             attention_mask[row, : ids.shape[0]] = 1
         with (
@@ -217,11 +235,12 @@ def load_text_encoder(
         dtype=dtype,
     )
     logger.info(
-        "loaded text model from %s on %s: %d dimensions, %d max tokens, %s pooling",
+        "loaded text model from %s on %s: %d dimensions, %d max tokens, %s pooling, %s forward",
         model_dir,
         encoder.placement,
         encoder.dimensions,
         encoder.max_input_tokens,
         encoder.pooling,
+        encoder.backend,
     )
     return encoder
