@@ -94,20 +94,25 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_after_shutdown)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        log_level=settings.log_level,
+    uvicorn.run(app, host=settings.host, port=settings.port, **uvicorn_options(settings))
+    return 0
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How ``serve`` runs uvicorn (the tests' live servers run it the same way)."""
+    return {
+        "log_config": None,
+        "log_level": settings.log_level,
         # Ours (api/middleware.py) carries the request id, model and tokens.
-        access_log=not settings.access_log,
-        timeout_graceful_shutdown=30,
+        "access_log": not settings.access_log,
+        "timeout_graceful_shutdown": 30,
+        # uvicorn's 5 s equals httpx's pool expiry: a client reusing a connection idle for
+        # just under 5 s could send on one the server was closing (httpx.ReadError).
+        "timeout_keep_alive": settings.keep_alive_s,
         # X-Forwarded-For is read by api/auth.py, from EMB_PROVIDER_TRUSTED_PROXIES only;
         # uvicorn's default would also believe it from any process on 127.0.0.1.
-        proxy_headers=False,
-    )
-    return 0
+        "proxy_headers": False,
+    }
 
 
 def hash_key(key: str | None) -> int:

@@ -17,6 +17,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from emb_model_provider.cli import uvicorn_options
 from emb_model_provider.core.config import ENV_PREFIX, Settings
 from emb_model_provider.main import create_app
 
@@ -45,15 +46,8 @@ def live_app(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_config=None,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        # As ``serve`` runs it: X-Forwarded-For is api/auth.py's to read (trusted proxies only).
-        proxy_headers=False,
-    )
+    options = {**uvicorn_options(settings), "log_level": "warning", "access_log": False}
+    config = uvicorn.Config(app, **{**options, "timeout_graceful_shutdown": 5})
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -4,6 +4,7 @@ serving after each, and a timed-out request's queued inputs are dropped by the b
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 
@@ -13,7 +14,8 @@ import pytest
 from fastapi import FastAPI
 
 from tests.conftest import DEFAULT_MODEL
-from tests.live import live_app, test_settings
+from emb_model_provider.core.config import Settings
+from tests.live import live_app, live_server, test_settings
 
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
 TIMEOUT_S = 1.5
@@ -133,3 +135,23 @@ def test_a_request_past_the_timeout_gets_504_and_its_work_is_dropped(
 
 def test_metrics_can_be_turned_off(http: httpx.Client) -> None:
     assert http.get("/metrics").status_code == 404
+
+
+def _get_health(sock: socket.socket) -> bytes:
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return sock.recv(65536)
+
+
+def test_idle_connections_outlive_the_clients_pool_expiry() -> None:
+    """The server keeps an idle connection open longer than httpx's pool does (the OpenAI SDK's
+    transport), so a client never reuses one the server is closing; the setting still bounds it."""
+    assert Settings.model_fields["keep_alive_s"].default > httpx.Limits().keepalive_expiry
+    assert test_settings().keep_alive_s > httpx.Limits().keepalive_expiry
+    with live_server(test_settings(keep_alive_s=2, warmup=False), wait_ready=False) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert _get_health(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(1)  # idle, but within the keep-alive: the same connection answers
+            assert _get_health(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(3.5)  # past the keep-alive: the server has closed its end
+            assert sock.recv(65536) == b""

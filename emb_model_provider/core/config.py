@@ -127,6 +127,15 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         120.0, ge=0, description="Seconds a request may take before a 504; 0: no limit."
     )
+    keep_alive_s: int = Field(
+        75,
+        ge=1,
+        description=(
+            "Seconds an idle keep-alive connection stays open. Longer than clients' own pool "
+            "expiry (httpx and the OpenAI SDK: 5 s), so the client closes first and never sends "
+            "on a connection the server is closing."
+        ),
+    )
 
     # -- access control (api/auth.py); every one is off by default --
     api_key_hashes: str = Field(
