@@ -9,6 +9,10 @@ so the next batch is full without any artificial wait. The queue is bounded: a r
 overflow it is refused before anything is queued. Stopping finishes what was
 accepted. Inputs whose future is already done (the client
 went away) are skipped.
+
+Background work (Batch API jobs) waits in a second queue that the worker serves only when no
+interactive input is waiting, one batch at a time: an online request arriving behind a bulk job
+waits at most for the one background batch already running.
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ class DynamicBatcher:
         self._max_batch_tokens = max_batch_tokens
         self._max_queue_inputs = max_queue_inputs
         self._pending: deque[_Item] = deque()
+        self._background: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self.stats = BatcherStats()
@@ -124,21 +129,29 @@ class DynamicBatcher:
     def queued_inputs(self) -> int:
         return len(self._pending)
 
-    async def embed(self, inputs: Sequence[PreparedInput]) -> list[Vectors]:
-        """One vector per input, in order. Cancelling the caller drops its queued inputs."""
+    @property
+    def queued_background_inputs(self) -> int:
+        return len(self._background)
+
+    async def embed(
+        self, inputs: Sequence[PreparedInput], *, background: bool = False
+    ) -> list[Vectors]:
+        """One vector per input, in order. Cancelling the caller drops its queued inputs.
+        ``background`` inputs run only while no interactive input waits."""
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         items = [_Item(p, loop.create_future(), loop, now) for p in inputs]
+        queue = self._background if background else self._pending
         with self._cond:
             if self._stopping:
                 raise NotReady(f"model {self.name} is shutting down", code="shutting_down")
-            if len(self._pending) + len(items) > self._max_queue_inputs:
+            if len(queue) + len(items) > self._max_queue_inputs:
                 raise Overloaded(
-                    f"The server is overloaded: {len(self._pending)} inputs are waiting for model "
+                    f"The server is overloaded: {len(queue)} inputs are waiting for model "
                     f"{self.name} (limit {self._max_queue_inputs}). Retry after a short wait.",
                     retry_after_s=1,
                 )
-            self._pending.extend(items)
+            queue.extend(items)
             self._cond.notify()
         try:
             return list(await asyncio.gather(*(item.future for item in items)))
@@ -158,13 +171,22 @@ class DynamicBatcher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._background and not self._stopping:
                     self._cond.wait()
-                if not self._pending:  # stopping, and everything accepted has been answered
+                if self._pending:
+                    queue, take = self._pending, self._max_batch_size * _ROUND_BATCHES
+                elif self._background:  # one batch, then look for interactive work again
+                    queue, take = self._background, self._max_batch_size
+                else:  # stopping, and everything accepted has been answered
                     break
-                take = min(len(self._pending), self._max_batch_size * _ROUND_BATCHES)
-                round_items = [self._pending.popleft() for _ in range(take)]
-            for batch in self._cut(round_items):
+                round_items = [queue.popleft() for _ in range(min(len(queue), take))]
+            batches = self._cut(round_items)
+            if queue is self._background and len(batches) > 1:
+                # The token bound split the round: run the first batch, requeue the rest.
+                with self._cond:
+                    self._background.extendleft(reversed([i for b in batches[1:] for i in b]))
+                batches = batches[:1]
+            for batch in batches:
                 self._start_batch(batch)
 
     def _cut(self, items: list[_Item]) -> list[list[_Item]]:

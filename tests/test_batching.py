@@ -235,3 +235,41 @@ def test_a_batch_too_big_for_the_device_is_split_and_every_input_answered() -> N
     assert max(size for size in sizes if size <= 3) <= 3
     assert sizes[0] == 16
     assert batcher.stats.failed_inputs == 0
+
+
+def test_background_inputs_yield_to_interactive_ones_one_batch_at_a_time() -> None:
+    """A bulk job queued first runs one batch; interactive inputs that arrive meanwhile run next,
+    before the rest of the job, and every background input is still answered in order."""
+    encoder = RecordingEncoder(hold_first=True)
+    batcher = _batcher(encoder, max_batch_size=4)
+
+    async def run() -> tuple[list[Vectors], list[Vectors]]:
+        bulk = asyncio.ensure_future(batcher.embed(_inputs(*[5] * 12), background=True))
+        await _wait_started(encoder)  # the first background batch is running
+        assert batcher.queued_background_inputs == 8
+        online = asyncio.ensure_future(batcher.embed(_inputs(3, 3, start=100)))
+        while batcher.queued_inputs < 2:
+            await asyncio.sleep(0)
+        encoder.release.set()
+        return await bulk, await online
+
+    try:
+        bulk, online = asyncio.run(run())
+    finally:
+        batcher.stop()
+    assert encoder.batches == [[0, 1, 2, 3], [100, 101], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert [vector[0] for vector in bulk] == list(range(12))
+    assert [vector[0] for vector in online] == [100, 101]
+
+
+def test_stop_drains_background_inputs_too() -> None:
+    encoder = RecordingEncoder()
+    batcher = _batcher(encoder, max_batch_size=2)
+
+    async def run() -> list[Vectors]:
+        return await batcher.embed(_inputs(*[2] * 5), background=True)
+
+    results = asyncio.run(run())
+    batcher.stop()
+    assert [vector[0] for vector in results] == list(range(5))
+    assert sum(len(batch) for batch in encoder.batches) == 5

@@ -57,7 +57,9 @@ class EmbeddingService:
         self._limits = limits
         self._images = images
 
-    async def create(self, request: EmbeddingRequest) -> Reply:
+    async def create(self, request: EmbeddingRequest, *, background: bool = False) -> Reply:
+        """The response to one /v1/embeddings request. ``background`` (Batch API jobs) yields
+        the model to interactive requests."""
         spec = self._models.registry.get(request.model)
         inputs = request.inputs()
         self._check_count(len(inputs))
@@ -71,7 +73,11 @@ class EmbeddingService:
         else:
             data = await self._texts(spec, inputs)
         result = await self.embed(
-            spec, data, dimensions=request.dimensions, normalize=spec.normalize
+            spec,
+            data,
+            dimensions=request.dimensions,
+            normalize=spec.normalize,
+            background=background,
         )
         body = render_embeddings(
             result.vectors,
@@ -107,6 +113,7 @@ class EmbeddingService:
         *,
         dimensions: int | None,
         normalize: bool,
+        background: bool = False,
     ) -> Embedded:
         """Vectors for ``data``: the first ``dimensions`` components, L2-normalised when asked
         (Matryoshka-style: a prefix of a unit vector is scaled back to unit length)."""
@@ -116,7 +123,7 @@ class EmbeddingService:
                 model.encoder.prepare, data, truncate=self._limits.truncate
             )
             prompt_tokens = self._check_tokens(prepared, model)
-            vectors = _stack(await model.batcher.embed(prepared))
+            vectors = _stack(await model.batcher.embed(prepared, background=background))
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if normalize:
