@@ -22,14 +22,10 @@ from PIL import Image, ImageOps
 from transformers import (
     AutoImageProcessor,
     AutoModel,
-    DINOv3ConvNextConfig,
-    DINOv3ConvNextModel,
-    DINOv3ViTConfig,
-    DINOv3ViTModel,
 )
-from transformers.models.dinov3_vit.image_processing_dinov3_vit import DINOv3ViTImageProcessor
 
 from tests.live import live_server, test_settings
+from tests.tiny_models import image_models_file, tiny_dinov3_convnext, tiny_dinov3_vit
 
 TEXT_MODEL = "all-MiniLM-L6-v2"
 MIN_COSINE = 0.99999
@@ -44,23 +40,8 @@ class TinyModel:
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
     root = tmp_path_factory.mktemp("dinov3")
-    torch.manual_seed(0)
-    vit = root / "vit"
-    DINOv3ViTModel(
-        DINOv3ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            num_register_tokens=4,
-        )
-    ).save_pretrained(vit)
-    DINOv3ViTImageProcessor().save_pretrained(vit)
-    cnx = root / "cnx"
-    DINOv3ConvNextModel(
-        DINOv3ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
-    ).save_pretrained(cnx)
-    DINOv3ViTImageProcessor().save_pretrained(cnx)
+    vit = tiny_dinov3_vit(root / "vit")
+    cnx = tiny_dinov3_convnext(root / "cnx")
     return {"tiny-vit": TinyModel("tiny-vit", vit), "tiny-cnx": TinyModel("tiny-cnx", cnx)}
 
 
@@ -68,12 +49,8 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel
 def models_file(
     tiny_models: dict[str, TinyModel], tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    lines = ["models:"]
-    for model in tiny_models.values():
-        lines += [f"  - name: {model.name}", f"    source: {model.path}", "    modality: image"]
     path = tmp_path_factory.mktemp("models") / "models.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return image_models_file(path, {model.name: model.path for model in tiny_models.values()})
 
 
 @pytest.fixture(scope="module")
