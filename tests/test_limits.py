@@ -13,8 +13,8 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from tests.conftest import DEFAULT_MODEL
 from emb_model_provider.core.config import Settings
+from tests.conftest import DEFAULT_MODEL
 from tests.live import live_app, live_server, test_settings
 
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
