@@ -48,7 +48,11 @@ MODEL_NAME = "all-MiniLM-L6-v2"
 DIMS = 384
 SINGLE_TEXT = "How do I reset my password?"
 SWEEP_LEVELS = (1, 2, 4, 8, 16, 32, 64, 128)
-ALL_SCENARIOS = ("raw", "single", "bulk", "chatty", "sweep", "rss", "image")
+ALL_SCENARIOS = ("raw", "single", "bulk", "chatty", "sweep", "rss", "image", "repeat")
+#: The repeated-query scenario: this share of requests asks for one of REPEAT_HOT_SET texts.
+REPEAT_SHARE = 0.9
+REPEAT_HOT_SET = 200
+REPEAT_CLIENTS = 16
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -566,6 +570,119 @@ async def run_image(model_dir_info: dict[str, Any], logs: Path, plan: Plan) -> d
         server.stop()
 
 
+def repeated_queries(corpus: list[str], n: int, share: float, hot: int, seed: int) -> list[str]:
+    """``n`` one-text queries: ``share`` of them drawn from the first ``hot`` corpus texts, the
+    others never seen before (a corpus text with a suffix unique to ``seed`` and place). Seeded:
+    every server gets the same sequence."""
+    rng = np.random.default_rng(seed)
+    hot_set = corpus[:hot]
+    out = []
+    for i in range(n):
+        if rng.random() < share:
+            out.append(hot_set[int(rng.integers(len(hot_set)))])
+        else:
+            out.append(f"{corpus[int(rng.integers(len(corpus)))]} #{seed}-{i}")
+    return out
+
+
+def queries_hot(corpus: list[str]) -> list[str]:
+    return corpus[:REPEAT_HOT_SET]
+
+
+async def run_repeat(model_dir: str, corpus: list[str], plan: Plan, logs: Path) -> dict[str, Any]:
+    """Repeated queries (REPEAT_SHARE of them repeats) on our server with the result cache on
+    (memory) and off, in one run: REPEAT_CLIENTS clients, one text per request, each server in
+    turn on the same query sequence, twice (on, off, on, off) so that drift falls on both.
+    Run with: uv run python benchmarks/run.py --scenarios repeat"""
+    variants = {"cache-on": "memory", "cache-off": "off"}
+    servers: dict[str, Server] = {}
+    out: dict[str, Any] = {
+        "share": REPEAT_SHARE,
+        "hot_set": REPEAT_HOT_SET,
+        "clients": REPEAT_CLIENTS,
+    }
+    try:
+        for name, cache in variants.items():
+            target = Target(
+                f"ours-{name}",
+                f"emb-model-provider, {name}",
+                _ours_argv,
+                env={"EMB_PROVIDER_CACHE": cache},
+            )
+            servers[name] = Server(target, model_dir, logs, None)
+        # Steady state, not the first minutes of a cold cache: every server first sees the hot
+        # set once (in requests of 32), uncached or not.
+        for server in servers.values():
+            load = Load(server.base)
+            try:
+                await load.chunks(queries_hot(corpus), 32, 2, 120)
+            finally:
+                await load.close()
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+        status_before = {name: _cache_status(server) for name, server in servers.items()}
+        for round_ in range(2):  # each round its own sequence: its new texts are new
+            queries = repeated_queries(corpus, 100_000, REPEAT_SHARE, REPEAT_HOT_SET, round_)
+            for name, server in servers.items():
+                log(f"repeat: {name}")
+                load = Load(server.base)
+                try:
+                    with CpuMeter(server.proc.pid) as meter:
+                        result = await load.closed_loop(queries, REPEAT_CLIENTS, plan.chatty_s)
+                finally:
+                    await load.close()
+                result["cpu"] = meter.result
+                runs[name].append(result)
+        for name, server in servers.items():
+            done = runs[name]
+            requests = sum(r["requests"] for r in done)
+            wall = sum(r["wall_s"] for r in done)
+            out[name] = {
+                "runs": done,
+                "inputs_per_s": requests / wall,
+                "p50_ms": statistics.median(r["p50_ms"] for r in done),
+                "p99_ms": max(r["p99_ms"] for r in done),
+                "cache": _cache_status(server),
+            }
+            before, after = status_before[name], out[name]["cache"]
+            if "hits" in after:
+                hits = after["hits"] - before["hits"]
+                misses = after["misses"] - before["misses"]
+                out[name]["hit_rate"] = hits / max(1, hits + misses)
+        on, off = out["cache-on"]["inputs_per_s"], out["cache-off"]["inputs_per_s"]
+        log(f"repeat: cache on {on:,.0f} inputs/s, off {off:,.0f} inputs/s: {on / off:.2f}×")
+    finally:
+        for server in servers.values():
+            server.stop()
+    return out
+
+
+def _cache_status(server: Server) -> dict[str, Any]:
+    status: dict[str, Any] = httpx.get(f"{server.base}/api/status", timeout=10).json()
+    return status.get("cache") or {}
+
+
+def repeat_table(repeat: dict[str, Any]) -> list[str]:
+    on, off = repeat["cache-on"], repeat["cache-off"]
+    hit_rate = on.get("hit_rate", float("nan")) * 100
+    return [
+        "",
+        f"| repeated queries ({repeat['share']:.0%} of them among {repeat['hot_set']} texts, "
+        f"{repeat['clients']} clients, 1 text per request, after one pass over those texts) "
+        "| cache off | cache on | on ÷ off |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {label} | {_fmt(off[key], digits)} | {_fmt(on[key], digits)} | "
+            f"{_ratio(on[key], off[key])} |"
+            for label, key, digits in (
+                ("inputs/s", "inputs_per_s", 0),
+                ("p50 ms", "p50_ms", 1),
+                ("p99 ms", "p99_ms", 1),
+            )
+        ),
+        f"| inputs answered from the cache (measured runs) | — | {_fmt(hit_rate, 1)} % | |",
+    ]
+
+
 def run_profile(
     model_dir: str, corpus: list[str], plan: Plan, logs: Path, run_dir: Path
 ) -> dict[str, Any]:
@@ -772,6 +889,11 @@ def build_table(results: dict[str, Any]) -> str:
         ]
     elif image:
         notes += ["", f"Images: not measured: {image['error']}"]
+    repeat = results.get("repeat")
+    if repeat and "error" not in repeat:
+        notes += repeat_table(repeat)
+    elif repeat:
+        notes += ["", f"Repeated queries: not measured: {repeat['error']}"]
     return "\n".join(lines) + "\n\n" + "\n".join(rlines) + "\n" + "\n".join(notes) + "\n"
 
 
@@ -975,6 +1097,13 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001
                 results["image"] = {"error": f"{exc!r}"[:300]}
                 log(f"images: {results['image']['error']}")
+    if "repeat" in scenarios:
+        log(f"repeated queries ({REPEAT_SHARE:.0%} repeats): result cache on vs off")
+        try:
+            results["repeat"] = asyncio.run(run_repeat(model_dir, corpus, plan, logs))
+        except Exception as exc:  # noqa: BLE001
+            results["repeat"] = {"error": f"{exc!r}"[:300]}
+            log(f"repeat: {results['repeat']['error']}")
     if args.profile:
         log("profile: py-spy on our server under bulk and chatty")
         try:

@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +27,12 @@ from emb_model_provider.main import create_app
 def test_settings(**overrides: object) -> Settings:
     """Settings that ignore the developer's environment and .env file."""
     values: dict[str, object] = {"host": "127.0.0.1", "port": 9000, "device": "cpu", **overrides}
+    # The Batch API's store is created on first use only; never the developer's ./data.
+    values.setdefault("data_dir", Path(tempfile.gettempdir()) / f"emb-provider-{uuid.uuid4().hex}")
+    # The result cache answers repeated inputs without the model, and the batching, load and
+    # timeout tests send the same text many times to make work: they get no cache unless they
+    # ask for one (tests/test_cache.py does).
+    values.setdefault("cache", "off")
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
@@ -88,8 +96,6 @@ def wait_until_ok(
     raise TimeoutError(f"{url} not ready after {deadline_s} s: {last}")
 
 
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -121,6 +127,7 @@ def serve_process(
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
     env["HF_HUB_OFFLINE"] = "1"
+    env[f"{ENV_PREFIX}CACHE"] = "off"  # as in test_settings: load tests repeat their texts
     env.update({f"{ENV_PREFIX}{key.upper()}": value for key, value in settings.items()})
     log = folder / "serve.log"
     command = [str(script), "serve", "--port", str(port), "--device", "cpu", *flags]

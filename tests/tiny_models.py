@@ -15,9 +15,10 @@ from transformers import (
 from transformers.models.dinov3_vit.image_processing_dinov3_vit import DINOv3ViTImageProcessor
 
 
-def tiny_dinov3_vit(path: Path) -> Path:
-    """A 2-layer DINOv3 ViT (hidden size 32, 4 register tokens) with its image processor."""
-    torch.manual_seed(0)
+def tiny_dinov3_vit(path: Path, *, seed: int = 0) -> Path:
+    """A 2-layer DINOv3 ViT (hidden size 32, 4 register tokens) with its image processor; its
+    random weights come from ``seed``."""
+    torch.manual_seed(seed)
     DINOv3ViTModel(
         DINOv3ViTConfig(
             hidden_size=32,

@@ -72,6 +72,7 @@ async def server_status(request: Request, models: ModelsDep) -> dict[str, object
             "model_weights_bytes": sum(model.encoder.memory_bytes for model in loaded),
             "accelerator": state.accelerator_memory(),
         },
+        "cache": state.embedding_service.cache.status(),
         "default_model": state.readiness.default_model,
         "ready": state.readiness.ready,
         "models": {

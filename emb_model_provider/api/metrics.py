@@ -7,6 +7,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 
 from emb_model_provider.api.middleware import install_middleware
 from emb_model_provider.core.config import Settings
+from emb_model_provider.services.cache import ResultCache
 from emb_model_provider.services.metrics import MemoryReader, Metrics
 from emb_model_provider.services.models import ModelManager
 
@@ -25,9 +26,12 @@ def install_observability(
     settings: Settings,
     models: ModelManager,
     accelerator_memory: MemoryReader | None,
+    cache: ResultCache | None = None,
 ) -> None:
     """Metrics (when on), /metrics, and the middleware stack of ``api/middleware.py``."""
     registry = Metrics(models, accelerator_memory=accelerator_memory) if settings.metrics else None
+    if registry is not None and cache is not None:
+        registry.watch_cache(cache)
     app.state.metrics = registry
     install_middleware(app, settings, registry)
     if registry is not None:

@@ -15,6 +15,7 @@ from emb_model_provider.core.errors import BadInput, ContextLengthExceeded, Inva
 from emb_model_provider.encoders.base import PreparedInput, Vectors
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, render_embeddings
 from emb_model_provider.registry import ModelSpec
+from emb_model_provider.services.cache import CachedVector, ResultCache
 from emb_model_provider.services.image_inputs import ImageLoader
 from emb_model_provider.services.models import LoadedModel, ModelManager
 from emb_model_provider.services.token_arrays import decode_token_arrays
@@ -52,10 +53,17 @@ class Reply:
 
 
 class EmbeddingService:
-    def __init__(self, models: ModelManager, limits: RequestLimits, images: ImageLoader) -> None:
+    def __init__(
+        self,
+        models: ModelManager,
+        limits: RequestLimits,
+        images: ImageLoader,
+        cache: ResultCache | None = None,
+    ) -> None:
         self._models = models
         self._limits = limits
         self._images = images
+        self.cache = cache or ResultCache(None)
 
     async def create(self, request: EmbeddingRequest, *, background: bool = False) -> Reply:
         """The response to one /v1/embeddings request. ``background`` (Batch API jobs) yields
@@ -119,16 +127,56 @@ class EmbeddingService:
         (Matryoshka-style: a prefix of a unit vector is scaled back to unit length)."""
         async with self._models.use(spec) as model:
             self._check_dimensions(dimensions, model.encoder.dimensions)
-            prepared = await asyncio.to_thread(
-                model.encoder.prepare, data, truncate=self._limits.truncate
-            )
-            prompt_tokens = self._check_tokens(prepared, model)
-            vectors = _stack(await model.batcher.embed(prepared, background=background))
+            if self.cache.enabled and model.fingerprint is not None:
+                vectors, prompt_tokens = await self._embed_cached(model, data, background)
+            else:
+                prepared = await asyncio.to_thread(
+                    model.encoder.prepare, data, truncate=self._limits.truncate
+                )
+                prompt_tokens = self._check_tokens(prepared, model)
+                vectors = _stack(await model.batcher.embed(prepared, background=background))
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if normalize:
             vectors = _l2(vectors)
         return Embedded(np.ascontiguousarray(vectors), prompt_tokens, spec.name)
+
+    async def _embed_cached(
+        self, model: LoadedModel, data: Sequence[str | bytes], background: bool
+    ) -> tuple[Vectors, int]:
+        """Raw vectors and tokens through the result cache: only the inputs it does not hold
+        (and nobody is computing) go to the model; usage counts every input."""
+        assert model.fingerprint is not None
+        encoder = model.encoder
+        scope = self.cache.scope(
+            model.spec,
+            fingerprint=model.fingerprint,
+            modality=encoder.modality,
+            dimensions=encoder.dimensions,
+            max_input_tokens=encoder.max_input_tokens,
+            truncate=self._limits.truncate,
+            placement=encoder.placement,
+        )
+
+        async def compute(indices: list[int], tokens_known: int) -> list[CachedVector]:
+            subset = [data[index] for index in indices]
+            try:
+                prepared = await asyncio.to_thread(
+                    encoder.prepare, subset, truncate=self._limits.truncate
+                )
+            except BadInput as exc:  # name the input by its place in the request
+                raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
+            self._check_tokens(prepared, model, tokens_known=tokens_known)
+            rows = await model.batcher.embed(prepared, background=background)
+            return [
+                CachedVector.of(row, item.n_tokens)
+                for row, item in zip(rows, prepared, strict=True)
+            ]
+
+        keys = await self.cache.keys(scope, data)
+        entries = await self.cache.resolve(scope, keys, compute)
+        prompt_tokens = self._check_total(sum(entry.n_tokens for entry in entries))
+        return _stack([entry.array() for entry in entries]), prompt_tokens
 
     def _check_count(self, count: int) -> None:
         if count > self._limits.max_inputs_per_request:
@@ -162,7 +210,11 @@ class EmbeddingService:
                 param="dimensions",
             )
 
-    def _check_tokens(self, prepared: list[PreparedInput], model: LoadedModel) -> int:
+    def _check_tokens(
+        self, prepared: list[PreparedInput], model: LoadedModel, *, tokens_known: int = 0
+    ) -> int:
+        """Tokens of ``prepared``, checked against the model's context and (with the
+        ``tokens_known`` of the request's other inputs) the per-request limit."""
         limit = model.encoder.max_input_tokens
         for item in prepared:
             if item.n_tokens > limit:  # only possible when truncation is off
@@ -173,6 +225,10 @@ class EmbeddingService:
                     param="input",
                 )
         total = sum(item.n_tokens for item in prepared)
+        self._check_total(tokens_known + total)
+        return total
+
+    def _check_total(self, total: int) -> int:
         if total > self._limits.max_tokens_per_request:
             raise InvalidRequest(
                 f"Requested {total} tokens, max {self._limits.max_tokens_per_request} tokens "

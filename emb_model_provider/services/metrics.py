@@ -29,6 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from emb_model_provider.batching import Histogram as BatcherHistogram
+from emb_model_provider.services.cache import MemoryBackend, ResultCache
 from emb_model_provider.services.models import ModelManager
 
 PREFIX = "emb_provider"
@@ -91,6 +92,11 @@ class Metrics:
         if model:
             self._inputs.labels(model).inc(inputs)
             self._tokens.labels(model).inc(tokens)
+
+    def watch_cache(self, cache: ResultCache) -> None:
+        """Export the result cache's counters (read at scrape time)."""
+        if cache.enabled:
+            self.registry.register(_CacheCollector(cache))
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
@@ -177,3 +183,47 @@ class _ModelCollector(Collector):
             for kind, value in memory.items():
                 gauge.add_metric([kind.removesuffix("_bytes")], value)
             yield gauge
+
+
+class _CacheCollector(Collector):
+    """The result cache's counters (``services/cache.py``), read at scrape time."""
+
+    def __init__(self, cache: ResultCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self._cache
+        backend = cache.backend.name if cache.backend is not None else "off"
+        stats = cache.backend_stats()
+        for name, documentation, value in (
+            ("cache_hits", "Inputs answered from the result cache.", cache.stats.hits),
+            ("cache_misses", "Inputs the model computed for the cache.", cache.stats.misses),
+            (
+                "cache_coalesced",
+                "Inputs answered by a computation of the same input under way.",
+                cache.stats.coalesced,
+            ),
+            ("cache_evictions", "Entries the memory cache dropped for room.", stats.evictions),
+            ("cache_backend_errors", "Cache backend calls that failed or timed out.", stats.errors),
+            (
+                "cache_backend_skipped",
+                "Cache backend calls skipped while it was down (back-off).",
+                stats.skipped,
+            ),
+        ):
+            family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["backend"])
+            family.add_metric([backend], value)
+            yield family
+        if isinstance(cache.backend, MemoryBackend):
+            held = GaugeMetricFamily(
+                f"{PREFIX}_cache_bytes",
+                "Bytes the memory cache holds: vectors, keys and per-entry overhead.",
+                labels=["backend"],
+            )
+            held.add_metric([backend], cache.backend.bytes_held)
+            yield held
+            entries = GaugeMetricFamily(
+                f"{PREFIX}_cache_entries", "Entries the memory cache holds.", labels=["backend"]
+            )
+            entries.add_metric([backend], cache.backend.entries)
+            yield entries

@@ -25,6 +25,7 @@ from emb_model_provider.core.errors import InvalidRequest, ModelLoadFailed
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.registry import ModelSpec, Registry, build_encoder
+from emb_model_provider.services.cache import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class BatchLimits:
     max_batch_size: int
     max_batch_tokens: int
     max_queue_inputs: int
+    background_batch_size: int = 8
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class LoadedModel:
     batcher: DynamicBatcher
     load_time_s: float
     loaded_at: float = field(default_factory=time.time)
+    #: Identifies the loaded weights in result-cache keys (``services/cache.py``); None when
+    #: the cache is off or the weights could not be fingerprinted (then nothing is cached).
+    fingerprint: str | None = None
     #: ``time.monotonic()`` of the last request that used the model.
     last_used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
@@ -93,11 +98,14 @@ class ModelManager:
         *,
         warmup: bool = True,
         lifecycle: Lifecycle | None = None,
+        fingerprints: bool = False,
     ) -> None:
         self.registry = registry
         self._options = options
         self._limits = limits
         self._warmup = warmup
+        #: Fingerprint the weights at each load, for the result cache.
+        self._fingerprints = fingerprints
         self.lifecycle = lifecycle or Lifecycle()
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
@@ -158,14 +166,18 @@ class ModelManager:
                 f"The model `{spec.name}` could not be loaded: {type(exc).__name__}: {exc}",
                 param="model",
             ) from exc
+        # After the load, so that a hub model is in the hub cache (no second download).
+        fingerprint = await self._fingerprint(spec)
         batcher = DynamicBatcher(
             spec.name,
             encoder.encode,
             max_batch_size=self._limits.max_batch_size,
             max_batch_tokens=self._limits.max_batch_tokens,
             max_queue_inputs=self._limits.max_queue_inputs,
+            background_batch_size=self._limits.background_batch_size,
         )
         model = LoadedModel(spec, encoder, batcher, time.perf_counter() - started)
+        model.fingerprint = fingerprint
         self._loaded[spec.name] = model
         self._failures.pop(spec.name, None)
         logger.info(
@@ -177,6 +189,21 @@ class ModelManager:
         )
         await self._evict_over_limits(keep=spec.name)
         return model
+
+    async def _fingerprint(self, spec: ModelSpec) -> str | None:
+        if not self._fingerprints:
+            return None
+        try:
+            return await asyncio.to_thread(
+                weights_fingerprint,
+                spec,
+                revision=spec.revision,
+                token=self._options.hf_token,
+                cache_dir=self._options.cache_dir,
+            )
+        except Exception:  # not fatal: the model serves, uncached
+            logger.warning("model %s: no weights fingerprint, not cached", spec.name, exc_info=True)
+            return None
 
     # -- unloading ------------------------------------------------------------------------------
 
