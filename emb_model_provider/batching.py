@@ -11,8 +11,8 @@ accepted. Inputs whose future is already done (the client
 went away) are skipped.
 
 Background work (Batch API jobs) waits in a second queue that the worker serves only when no
-interactive input is waiting, one batch at a time: an online request arriving behind a bulk job
-waits at most for the one background batch already running.
+interactive input is waiting, one (smaller) batch at a time: an online request arriving behind a
+bulk job waits at most for the one background batch already running.
 """
 
 from __future__ import annotations
@@ -111,12 +111,14 @@ class DynamicBatcher:
         max_batch_size: int,
         max_batch_tokens: int,
         max_queue_inputs: int,
+        background_batch_size: int | None = None,
     ) -> None:
         self.name = name
         self._encode = encode
         self._max_batch_size = max_batch_size
         self._max_batch_tokens = max_batch_tokens
         self._max_queue_inputs = max_queue_inputs
+        self._background_batch_size = min(background_batch_size or max_batch_size, max_batch_size)
         self._pending: deque[_Item] = deque()
         self._background: deque[_Item] = deque()
         self._cond = threading.Condition()
@@ -176,7 +178,7 @@ class DynamicBatcher:
                 if self._pending:
                     queue, take = self._pending, self._max_batch_size * _ROUND_BATCHES
                 elif self._background:  # one batch, then look for interactive work again
-                    queue, take = self._background, self._max_batch_size
+                    queue, take = self._background, self._background_batch_size
                 else:  # stopping, and everything accepted has been answered
                     break
                 round_items = [queue.popleft() for _ in range(min(len(queue), take))]

@@ -273,3 +273,28 @@ def test_stop_drains_background_inputs_too() -> None:
     batcher.stop()
     assert [vector[0] for vector in results] == list(range(5))
     assert sum(len(batch) for batch in encoder.batches) == 5
+
+
+def test_background_batches_are_cut_at_their_own_smaller_size() -> None:
+    encoder = RecordingEncoder()
+    batcher = DynamicBatcher(
+        "test",
+        encoder,
+        max_batch_size=8,
+        max_batch_tokens=1000,
+        max_queue_inputs=100,
+        background_batch_size=3,
+    )
+
+    async def run() -> tuple[list[Vectors], list[Vectors]]:
+        bulk = await batcher.embed(_inputs(*[2] * 7), background=True)
+        online = await batcher.embed(_inputs(*[2] * 7, start=10))
+        return bulk, online
+
+    try:
+        bulk, online = asyncio.run(run())
+    finally:
+        batcher.stop()
+    assert [len(batch) for batch in encoder.batches] == [3, 3, 1, 7]
+    assert [vector[0] for vector in bulk] == list(range(7))
+    assert [vector[0] for vector in online] == list(range(10, 17))

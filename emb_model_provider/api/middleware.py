@@ -155,25 +155,35 @@ def _too_large_message(max_bytes: int, size: str) -> str:
     )
 
 
+#: Bytes a multipart upload adds around its file (boundaries, part headers, the purpose field).
+_MULTIPART_ROOM = 64 * 1024
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    """``max_bytes`` for every path but those in ``path_limits`` (exact paths), which have their
+    own: an upload of a Batch API file is bounded by the batch file limit, not the request one."""
+
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, path_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if value.isdigit() and int(value) > self.max_bytes:
-                    message = _too_large_message(self.max_bytes, f"{int(value)} bytes")
+                if value.isdigit() and int(value) > max_bytes:
+                    message = _too_large_message(max_bytes, f"{int(value)} bytes")
                     response = error_response(413, message, type_="invalid_request_error")
                     await response(scope, receive, send)
                     return
                 break
         received = 0
-        max_bytes = self.max_bytes
 
         async def counted_receive() -> Message:
             nonlocal received
@@ -246,7 +256,12 @@ def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics | None
         )
     if settings.request_timeout_s > 0:
         app.add_middleware(TimeoutMiddleware, timeout_s=settings.request_timeout_s)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        # A batch input file up to its own limit, plus room for the multipart envelope.
+        path_limits={"/v1/files": settings.batch_max_file_bytes + _MULTIPART_ROOM},
+    )
     origins = settings.cors_origin_list()
     if origins:
         app.add_middleware(
