@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from emb_model_provider import __version__
+from emb_model_provider.bulk import command as bulk
 from emb_model_provider.core.config import Settings, env_name
 from emb_model_provider.core.errors import ConfigError
 
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     hash_key.add_argument("key", nargs="?", help="the key to hash; - reads it from stdin")
+    embed_command = commands.add_parser(
+        "embed", help="embed a corpus into a Parquet or .npy file", description=bulk.DESCRIPTION
+    )
+    bulk.add_arguments(embed_command)
     return parser
 
 
@@ -131,6 +136,14 @@ def hash_key(key: str | None) -> int:
     return 0
 
 
+def embed(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings(**bulk.settings_overrides(args))
+    except ValidationError as exc:
+        return _fail(_describe(exc))
+    return bulk.run_embed(args, settings, _fail)
+
+
 def _exit_after_shutdown(signum: int, frame: FrameType | None) -> None:
     """Exit 0 once uvicorn has shut down on SIGINT/SIGTERM.
 
@@ -148,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "hash-key":
         return hash_key(args.key)
+    if args.command == "embed":
+        return embed(args)
     return _fail(f"unknown command {args.command}")
 
 

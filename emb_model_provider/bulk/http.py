@@ -1,0 +1,237 @@
+"""The HTTP engine: the same job sent to a running server's ``/v1/embeddings`` (for machines
+without the model), ``batch_size`` inputs per request and ``concurrency`` requests in flight.
+
+Requests ask for base64 (little-endian float32, what the OpenAI SDK asks for). A 400 for a
+request of several inputs is split in halves until the bad input is alone, so one bad input
+becomes one line in the errors file and the rest of its request is still embedded. 429, 5xx and
+transport errors are retried with backoff (``Retry-After`` when the server sends one); a server
+that keeps failing stops the job, and a rerun resumes from the finished chunks.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import mimetypes
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from emb_model_provider.bulk.base import BulkError, ChunkResult, empty_vectors
+from emb_model_provider.bulk.records import InputKind, Record
+from emb_model_provider.encoders.base import Vectors
+
+_RETRIES = 6
+_MAX_BACKOFF_S = 30.0
+
+
+class _Refused(Exception):
+    """A 400 for the request: some input in it is bad."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class HttpEmbedder:
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str,
+        dimensions: int | None,
+        batch_size: int,
+        concurrency: int,
+        api_key: str | None,
+        timeout_s: float = 300.0,
+        max_image_bytes: int = 20 * 1024 * 1024,
+    ) -> None:
+        base = url.rstrip("/")
+        self._base = base if base.endswith("/v1") else f"{base}/v1"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            limits=httpx.Limits(max_connections=concurrency),
+            trust_env=False,
+        )
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="embed-http")
+        self._batch_size = batch_size
+        self._max_image_bytes = max_image_bytes
+        info = self._model_info(model)
+        self.model = str(info.get("id") or model)
+        modality = info.get("modality", "text")
+        self.kind: InputKind = "image" if modality == "image" else "text"
+        native = info.get("dimensions")
+        if dimensions is not None and isinstance(native, int) and not 1 <= dimensions <= native:
+            raise BulkError(
+                f"--dimensions {dimensions}: {self.model} has {native} dimensions; "
+                f"ask for 1 to {native}"
+            )
+        self._dimensions = dimensions
+        if dimensions is None and not isinstance(native, int):
+            # A models-file entry the server has not loaded yet: ask for one vector.
+            native = self._probe_dimensions()
+        self.dimensions = dimensions or int(str(native))
+
+    def _model_info(self, model: str) -> dict[str, Any]:
+        return self._get(f"{self._base}/models/{model}")
+
+    def _probe_dimensions(self) -> int:
+        if self.kind == "image":
+            buffer = io.BytesIO()
+            Image.new("RGB", (32, 32), (127, 127, 127)).save(buffer, format="PNG")
+            probe = f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+        else:
+            probe = "dimensions"
+        try:
+            vectors, _ = self._send([probe])
+        except _Refused as exc:
+            raise BulkError(f"{self.model}: the server refused a probe input: {exc}") from exc
+        return int(vectors[0].shape[0])
+
+    def _get(self, url: str) -> dict[str, Any]:
+        try:
+            response = self._client.get(url)
+        except httpx.HTTPError as exc:
+            raise BulkError(f"cannot reach {url}: {exc}") from exc
+        if response.status_code != 200:
+            raise BulkError(f"{url} answered {response.status_code}: {_message(response)}")
+        body: dict[str, Any] = response.json()
+        return body
+
+    def embed(self, records: Sequence[Record]) -> ChunkResult:
+        errors: dict[int, str] = {}
+        values: dict[int, str] = {}
+        for index, record in enumerate(records):
+            if record.error is not None:
+                errors[index] = record.error
+            elif record.kind != self.kind:
+                errors[index] = f"a {record.kind} input, but the model takes {self.kind}"
+            else:
+                value = self._wire_value(record.value) if self.kind == "image" else record.value
+                if isinstance(value, _Refused):
+                    errors[index] = value.message
+                else:
+                    values[index] = value
+        indices = sorted(values)
+        groups = [
+            indices[start : start + self._batch_size]
+            for start in range(0, len(indices), self._batch_size)
+        ]
+        vectors: dict[int, Vectors] = {}
+        tokens = 0
+        for group_vectors, group_tokens, group_errors in self._pool.map(
+            lambda group: self._send_isolating(group, values), groups
+        ):
+            vectors.update(group_vectors)
+            tokens += group_tokens
+            errors.update(group_errors)
+        kept = sorted(vectors)
+        stacked = (
+            np.stack([vectors[index] for index in kept]).astype(np.float32)
+            if kept
+            else empty_vectors(self.dimensions)
+        )
+        return ChunkResult(
+            ids=[records[index].id for index in kept],
+            vectors=stacked,
+            tokens=tokens,
+            errors=[(records[index].id, errors[index]) for index in sorted(errors)],
+        )
+
+    def _wire_value(self, value: str) -> str | _Refused:
+        """Local image paths become data URIs; URLs and data URIs go as they are."""
+        if value.lower().startswith(("http://", "https://", "data:")):
+            return value
+        path = Path(value)
+        try:
+            size = path.stat().st_size
+            if size > self._max_image_bytes:
+                return _Refused(f"{size} bytes, over the limit of {self._max_image_bytes}")
+            data = path.read_bytes()
+        except OSError as exc:
+            return _Refused(f"cannot read the image: {exc.strerror or exc}")
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+    def _send_isolating(
+        self, group: list[int], values: dict[int, str]
+    ) -> tuple[dict[int, Vectors], int, dict[int, str]]:
+        """Embed ``group``; on a 400, halve it until each bad input is alone."""
+        try:
+            vectors, tokens = self._send([values[index] for index in group])
+            return dict(zip(group, vectors, strict=True)), tokens, {}
+        except _Refused as exc:
+            if len(group) == 1:
+                return {}, 0, {group[0]: exc.message}
+        middle = len(group) // 2
+        left = self._send_isolating(group[:middle], values)
+        right = self._send_isolating(group[middle:], values)
+        return {**left[0], **right[0]}, left[1] + right[1], {**left[2], **right[2]}
+
+    def _send(self, inputs: list[str]) -> tuple[list[Vectors], int]:
+        body: dict[str, Any] = {"model": self.model, "input": inputs, "encoding_format": "base64"}
+        if self._dimensions is not None:
+            body["dimensions"] = self._dimensions
+        url = f"{self._base}/embeddings"
+        last = ""
+        for attempt in range(_RETRIES):
+            wait_s = min(_MAX_BACKOFF_S, 0.5 * 2**attempt)
+            try:
+                response = self._client.post(url, json=body)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    return _decode(response.json(), len(inputs))
+                if response.status_code == 400:
+                    raise _Refused(_message(response))
+                if response.status_code not in (408, 409, 429) and response.status_code < 500:
+                    raise BulkError(f"{url} answered {response.status_code}: {_message(response)}")
+                last = f"{response.status_code}: {_message(response)}"
+                wait_s = _retry_after(response, wait_s)
+            time.sleep(wait_s)  # backoff before a retry, as the OpenAI SDK does
+        raise BulkError(f"{url} failed {_RETRIES} times, last {last}")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+
+def _decode(body: dict[str, Any], count: int) -> tuple[list[Vectors], int]:
+    items = sorted(body["data"], key=lambda item: int(item["index"]))
+    if len(items) != count:
+        raise BulkError(f"the server answered {len(items)} vectors for {count} inputs")
+    vectors: list[Vectors] = []
+    for item in items:
+        embedding = item["embedding"]
+        if isinstance(embedding, str):
+            vectors.append(np.frombuffer(base64.b64decode(embedding), dtype="<f4").copy())
+        else:
+            vectors.append(np.asarray(embedding, dtype=np.float32))
+    usage = body.get("usage") or {}
+    return vectors, int(usage.get("prompt_tokens", 0))
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error", {})
+        message = error.get("message") if isinstance(error, dict) else None
+    except ValueError:
+        message = None
+    text = str(message or response.text[:300])
+    return " ".join(text.split())
+
+
+def _retry_after(response: httpx.Response, default_s: float) -> float:
+    try:
+        return min(_MAX_BACKOFF_S, max(0.0, float(response.headers.get("retry-after", ""))))
+    except ValueError:
+        return default_s

@@ -1,0 +1,247 @@
+"""The in-process engine: the registry's encoder in this process, batches cut from each chunk.
+
+Vectors are those the server returns for the same inputs: the same encoder, the same truncation,
+then ``dimensions`` as a re-normalised prefix (``base.unit_prefix``). Images are read from local
+paths, or fetched and decoded as the server does (``services.image_inputs.ImageLoader``: the
+SSRF-safe fetcher, the same byte and pixel caps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emb_model_provider.bulk.base import BulkError, ChunkResult, empty_vectors, unit_prefix
+from emb_model_provider.bulk.records import InputKind, Record
+from emb_model_provider.core.config import Settings
+from emb_model_provider.core.errors import BadInput, ConfigError, InvalidRequest, ProviderError
+from emb_model_provider.encoders.base import Encoder, LoadOptions, PreparedInput, Vectors
+from emb_model_provider.encoders.sources import SourceError
+from emb_model_provider.registry import ModelSpec, Registry, build_encoder
+from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
+from emb_model_provider.services.image_inputs import ImageLoader
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Plain, picklable values (Ray ships this to its actors): which model, where, how."""
+
+    model: str
+    dimensions: int | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
+    models_file: str | None = None
+    hf_token: str | None = None
+    cache_dir: str | None = None
+    num_threads: int = 0
+    truncate: bool = True
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    allow_image_urls: bool = True
+    url_allowlist: tuple[str, ...] = ()
+    max_url_timeout_s: float = 20.0
+    max_url_redirects: int = 3
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, model: str | None, dimensions: int | None, batch_size: int
+    ) -> LocalConfig:
+        return cls(
+            model=model or settings.default_model,
+            dimensions=dimensions,
+            batch_size=batch_size,
+            device=settings.device,
+            dtype=settings.dtype,
+            # Absolute: Ray actors may run in another working directory.
+            models_file=str(settings.models_file.resolve()) if settings.models_file else None,
+            hf_token=settings.hf_token_value(),
+            cache_dir=str(settings.cache_dir) if settings.cache_dir else None,
+            num_threads=settings.num_threads,
+            truncate=settings.truncate,
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            allow_image_urls=settings.allow_image_urls,
+            url_allowlist=settings.url_allowlist_entries(),
+            max_url_timeout_s=settings.max_url_timeout,
+            max_url_redirects=settings.max_url_redirects,
+        )
+
+    @classmethod
+    def create(cls, model: str, **values: Any) -> LocalConfig:
+        """Defaults from ``EMB_PROVIDER_*`` settings, then ``values`` (the Python entry point)."""
+        base = cls.from_settings(Settings(), model=model, dimensions=None, batch_size=64)
+        return dataclasses.replace(base, **values)
+
+    def spec(self) -> ModelSpec:
+        try:
+            registry = Registry.from_settings(Path(self.models_file) if self.models_file else None)
+        except ConfigError as exc:
+            raise BulkError(f"invalid models file: {exc.message}") from exc
+        try:
+            return registry.get(self.model)
+        except ProviderError as exc:
+            known = ", ".join(spec.name for spec in registry)
+            raise BulkError(f"unknown model {self.model!r}; known: {known}") from exc
+
+
+class LocalEmbedder:
+    """Loads the encoder once; ``embed`` is called with one chunk at a time."""
+
+    def __init__(self, config: LocalConfig) -> None:
+        from emb_model_provider.core.device import resolve_placement
+
+        self._config = config
+        self._spec = config.spec()
+        try:
+            placement = resolve_placement(config.device, config.dtype)
+        except ConfigError as exc:
+            raise BulkError(f"invalid setting {exc.setting}: {exc.message}") from exc
+        options = LoadOptions(
+            device=str(placement.device),
+            dtype=str(placement.dtype).removeprefix("torch."),
+            hf_token=config.hf_token,
+            cache_dir=config.cache_dir,
+            num_threads=config.num_threads,
+            max_image_pixels=config.max_image_pixels,
+        )
+        try:
+            self._encoder: Encoder = build_encoder(self._spec, options)
+        except SourceError as exc:
+            raise BulkError(f"cannot load model {self._spec.name}: {exc}") from exc
+        native = self._encoder.dimensions
+        if config.dimensions is not None and not 1 <= config.dimensions <= native:
+            raise BulkError(
+                f"--dimensions {config.dimensions}: {self._spec.name} has {native} dimensions; "
+                f"ask for 1 to {native}"
+            )
+        self.model = self._spec.name
+        self.kind: InputKind = self._spec.modality
+        self.dimensions = config.dimensions or native
+        self.placement = self._encoder.placement
+        self._policy = FetchPolicy(
+            allow_urls=config.allow_image_urls,
+            allowlist=config.url_allowlist,
+            max_bytes=config.max_image_bytes,
+            connect_timeout_s=min(5.0, config.max_url_timeout_s),
+            total_timeout_s=config.max_url_timeout_s,
+            max_redirects=config.max_url_redirects,
+        )
+
+    def embed(self, records: Sequence[Record]) -> ChunkResult:
+        errors: dict[int, str] = {}
+        data: dict[int, str | bytes] = {}
+        for index, record in enumerate(records):
+            if record.error is not None:
+                errors[index] = record.error
+            elif record.kind != self.kind:
+                errors[index] = f"a {record.kind} input, but the model takes {self.kind}"
+            else:
+                data[index] = record.value
+        if self.kind == "image":
+            data = self._image_bytes(data, errors)
+        prepared = self._prepare(data, errors)
+        vectors = self._encode(prepared)
+        kept = sorted(prepared)
+        stacked = (
+            np.stack([vectors[index] for index in kept])
+            if kept
+            else empty_vectors(self._encoder.dimensions)
+        )
+        return ChunkResult(
+            ids=[records[index].id for index in kept],
+            vectors=unit_prefix(stacked, self._config.dimensions, normalize=self._spec.normalize),
+            tokens=sum(prepared[index].n_tokens for index in kept),
+            errors=[(records[index].id, errors[index]) for index in sorted(errors)],
+        )
+
+    def _image_bytes(
+        self, values: dict[int, str | bytes], errors: dict[int, str]
+    ) -> dict[int, str | bytes]:
+        loaded: dict[int, str | bytes] = {}
+        remote: dict[int, str] = {}
+        for index, value in values.items():
+            text = str(value)
+            if text.lower().startswith(("http://", "https://", "data:")):
+                remote[index] = text
+                continue
+            try:
+                path = Path(text)
+                size = path.stat().st_size
+                if size > self._config.max_image_bytes:
+                    errors[index] = (
+                        f"{size} bytes, over the limit of {self._config.max_image_bytes}"
+                    )
+                    continue
+                loaded[index] = path.read_bytes()
+            except OSError as exc:
+                errors[index] = f"cannot read the image: {exc.strerror or exc}"
+        if remote:
+            loaded.update(asyncio.run(self._fetch(remote, errors)))
+        return loaded
+
+    async def _fetch(self, values: dict[int, str], errors: dict[int, str]) -> dict[int, bytes]:
+        loader = ImageLoader(ImageFetcher(self._policy), max_bytes=self._config.max_image_bytes)
+
+        async def one(index: int, value: str) -> tuple[int, bytes | None]:
+            try:
+                return index, (await loader.load([value], ["image"]))[0]
+            except ProviderError as exc:
+                errors[index] = exc.message.removeprefix("image: ")
+                return index, None
+
+        try:
+            results = await asyncio.gather(*(one(i, v) for i, v in values.items()))
+        finally:
+            await loader.aclose()
+        return {index: data for index, data in results if data is not None}
+
+    def _prepare(
+        self, data: dict[int, str | bytes], errors: dict[int, str]
+    ) -> dict[int, PreparedInput]:
+        """Each input prepared; an input the encoder refuses is an error of its own."""
+        prepared: dict[int, PreparedInput] = {}
+        indices = sorted(data)
+        size = self._config.batch_size
+        for start in range(0, len(indices), size):
+            group = indices[start : start + size]
+            try:
+                items = self._encoder.prepare([data[i] for i in group], truncate=self._truncate)
+                prepared.update(zip(group, items, strict=True))
+            except InvalidRequest:  # find which one, and keep the others
+                for index in group:
+                    try:
+                        (item,) = self._encoder.prepare([data[index]], truncate=self._truncate)
+                        prepared[index] = item
+                    except InvalidRequest as exc:
+                        errors[index] = exc.reason if isinstance(exc, BadInput) else exc.message
+        limit = self._encoder.max_input_tokens
+        for index, item in list(prepared.items()):
+            if item.n_tokens > limit:  # only when truncation is off, as the server's 400
+                errors[index] = f"{item.n_tokens} tokens, over the model's limit of {limit}"
+                del prepared[index]
+        return prepared
+
+    @property
+    def _truncate(self) -> bool:
+        return self._config.truncate
+
+    def _encode(self, prepared: dict[int, PreparedInput]) -> dict[int, Vectors]:
+        # Longest first, as sentence-transformers' encode: batches of similar lengths pad little.
+        order = sorted(prepared, key=lambda index: -prepared[index].n_tokens)
+        vectors: dict[int, Vectors] = {}
+        size = self._config.batch_size
+        for start in range(0, len(order), size):
+            group = order[start : start + size]
+            encoded = self._encoder.encode([prepared[index] for index in group])
+            vectors.update(zip(group, encoded, strict=True))
+        return vectors
+
+    def close(self) -> None:
+        self._encoder.close()
