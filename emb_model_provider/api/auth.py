@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 #: and load balancers call them, and Prometheus scrapes /metrics (as TEI's and vLLM's are, it is
 #: unauthenticated: keep it off untrusted networks, or set EMB_PROVIDER_METRICS=false).
 PUBLIC_PATHS: frozenset[str] = frozenset({"/", "/health", "/ready", "/metrics"})
+#: Path prefixes as public as ``PUBLIC_PATHS``: the web console's page and files (``api/ui.py``),
+#: which hold no data; the API calls the page makes carry the key typed into it.
+PUBLIC_PREFIXES: tuple[str, ...] = ("/ui/",)
 
 _MISSING_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
@@ -71,7 +74,7 @@ _ADMIN_DISABLED = "Admin endpoints are disabled: set EMB_PROVIDER_ADMIN_KEY_HASH
 
 
 def is_public_path(path: str, public_paths: Iterable[str] = PUBLIC_PATHS) -> bool:
-    return path in public_paths
+    return path in public_paths or path.startswith(PUBLIC_PREFIXES) or f"{path}/" in PUBLIC_PREFIXES
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ class AccessControl:
             return
         policy = self.policy
         address = self._client(scope)
-        if scope["path"] in self.public_paths:
+        if is_public_path(scope["path"], self.public_paths):
             await self.app(scope, receive, send)
             return
         if policy.allowlist and (address is None or not contains(policy.allowlist, address)):

@@ -1,9 +1,10 @@
-"""/health (the process answers), /ready (the default model is loaded and warm), / (about)."""
+"""/health (the process answers), /ready (the default model is loaded and warm), / (about; a
+browser is redirected to the web console at /ui/)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
 
 from emb_model_provider import __version__
 from emb_model_provider.api.deps import ReadinessDep
@@ -31,8 +32,12 @@ async def ready(readiness: ReadinessDep) -> JSONResponse:
     )
 
 
-@router.get("/")
-async def about() -> dict[str, object]:
+@router.get("/", response_model=None)
+async def about(request: Request, response: Response) -> dict[str, object] | RedirectResponse:
+    # A browser (it asks for HTML) is sent to the web console; API clients get this JSON.
+    response.headers["Vary"] = "Accept"
+    if "text/html" in request.headers.get("accept", ""):
+        return RedirectResponse("/ui/", status_code=307, headers={"Vary": "Accept"})
     return {
         "name": "emb-model-provider",
         "version": __version__,
@@ -44,5 +49,6 @@ async def about() -> dict[str, object]:
             "ready": "/ready",
             "docs": "/docs",
             "openapi": "/openapi.json",
+            "console": "/ui/",
         },
     }
