@@ -14,8 +14,9 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from emb_model_provider import __version__
-from emb_model_provider.api import admin, embeddings, health, images, models
+from emb_model_provider.api import admin, embeddings, health, images, models, ui
 from emb_model_provider.api.auth import install_access_control, require_admin
+from emb_model_provider.api.batches import install_batch_api
 from emb_model_provider.api.exceptions import install_error_handlers
 from emb_model_provider.api.metrics import install_observability
 from emb_model_provider.core.config import Settings
@@ -24,6 +25,7 @@ from emb_model_provider.core.errors import ConfigError, ProviderError
 from emb_model_provider.encoders.base import LoadOptions
 from emb_model_provider.registry import ModelSpec, Registry
 from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
+from emb_model_provider.services.cache import ResultCache, build_backend
 from emb_model_provider.services.embedding_service import EmbeddingService, RequestLimits
 from emb_model_provider.services.image_inputs import ImageLoader
 from emb_model_provider.services.models import BatchLimits, Lifecycle, ModelManager
@@ -50,8 +52,10 @@ def _model_manager(
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_queue_inputs=settings.max_queue_inputs,
+            background_batch_size=settings.background_batch_size,
         ),
         warmup=settings.warmup,
+        fingerprints=settings.cache != "off",
         lifecycle=Lifecycle(
             idle_unload_s=settings.model_idle_unload_s,
             max_loaded_models=settings.max_loaded_models,
@@ -76,6 +80,23 @@ def _image_loader(settings: Settings) -> ImageLoader:
     return ImageLoader(ImageFetcher(fetch_policy), max_bytes=settings.max_image_bytes)
 
 
+def _result_cache(settings: Settings) -> ResultCache:
+    url = settings.cache_url.get_secret_value() if settings.cache_url else None
+    try:
+        backend = build_backend(
+            settings.cache,
+            max_bytes=settings.cache_max_bytes,
+            max_entries=settings.cache_max_entries,
+            url=url,
+            prefix=settings.cache_prefix,
+            ttl_s=settings.cache_ttl_s,
+            timeout_s=settings.cache_timeout_s,
+        )
+    except ValueError as exc:  # redis-py refuses the URL
+        raise ConfigError("EMB_PROVIDER_CACHE_URL", str(exc)) from exc
+    return ResultCache(backend)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; raises ``ConfigError`` for settings that cannot work."""
     registry = Registry.from_settings(settings.models_file)
@@ -97,6 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
             truncate=settings.truncate,
         ),
         image_loader,
+        _result_cache(settings),
     )
     readiness = Readiness(default_model=default_spec.name)
 
@@ -126,7 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
             housekeeper.cancel()
             await asyncio.gather(loader, housekeeper, return_exceptions=True)
             await asyncio.to_thread(manager.close)
-            await image_loader.aclose()
+            await asyncio.gather(image_loader.aclose(), service.cache.aclose())
 
     app = FastAPI(
         title="emb-model-provider",
@@ -144,11 +166,13 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     install_access_control(app, settings)
     # After access control, so that its refusals also carry a request id and are logged.
-    install_observability(app, settings, manager, app.state.accelerator_memory)
+    install_observability(app, settings, manager, app.state.accelerator_memory, service.cache)
     app.include_router(embeddings.router)
+    install_batch_api(app, settings, service, registry)
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(admin.router, dependencies=[Depends(require_admin)])
     app.include_router(admin.status_router)
     app.include_router(health.router)
+    app.include_router(ui.router)
     return app

@@ -35,14 +35,16 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_cleanly(tmp_path: Pa
         with ThreadPoolExecutor(max_workers=12) as pool:
             futures = [pool.submit(send, i) for i in range(12)]
             deadline = time.monotonic() + DEADLINE_S
-            while time.monotonic() < deadline:  # wait until work is really in flight
+            # Wait until all 12 requests are inside the server (a request still connecting when
+            # SIGTERM arrives is refused, rightly) and work is really queued.
+            while time.monotonic() < deadline:
                 status = httpx.get(f"{url}/api/status", timeout=10).json()
                 model = status["models"].get(DEFAULT_MODEL, {})
-                if model.get("queued_inputs", 0) > 0:
+                if model.get("in_flight_requests", 0) == 12 and model.get("queued_inputs", 0) > 0:
                     break
                 time.sleep(0.01)  # polling interval under a deadline
             else:
-                pytest.fail("requests never queued")
+                pytest.fail("the 12 requests were never in flight together")
             served.process.send_signal(signal.SIGTERM)
             responses = [future.result(timeout=DEADLINE_S) for future in futures]
         exit_code = served.process.wait(DEADLINE_S)

@@ -23,6 +23,8 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ORIGIN_RE = re.compile(r"^(\*|https?://[^/\s]+)$")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+CacheBackendName = Literal["memory", "redis", "off"]
 
 
 class Settings(BaseSettings):
@@ -62,6 +64,15 @@ class Settings(BaseSettings):
         16384,
         ge=1,
         description="Inputs waiting per model; beyond it requests get 429 with Retry-After.",
+    )
+    background_batch_size: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description=(
+            "Inputs per forward pass for Batch API jobs, which run only while no online input "
+            "waits: an online request arriving behind a job waits for one such batch at most."
+        ),
     )
     truncate: bool = Field(
         True, description="Truncate inputs longer than the model's limit (false: 400 instead)."
@@ -105,6 +116,41 @@ class Settings(BaseSettings):
     num_threads: int = Field(
         0, ge=0, description="torch intra-op threads on CPU; 0 keeps torch's default."
     )
+    # -- result cache (services/cache.py) --
+    cache: CacheBackendName = Field(
+        "memory",
+        description=(
+            "Embedding result cache: memory (an LRU in this process) | redis (shared by "
+            "replicas, EMB_PROVIDER_CACHE_URL) | off."
+        ),
+    )
+    cache_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="memory cache: most bytes held (vectors, keys and per-entry overhead).",
+    )
+    cache_max_entries: int = Field(
+        0, ge=0, description="memory cache: most entries held; 0: only the byte bound."
+    )
+    cache_url: SecretStr | None = Field(
+        None, description="redis cache: redis://[:password@]host:port/db (or rediss://, unix://)."
+    )
+    cache_ttl_s: int = Field(
+        7 * 86400, ge=0, description="redis cache: seconds an entry lives; 0: no expiry."
+    )
+    cache_prefix: str = Field(
+        "emb:",
+        description="redis cache: prefix of every key, one per deployment sharing a Redis.",
+    )
+    cache_timeout_s: float = Field(
+        0.25,
+        gt=0,
+        description=(
+            "redis cache: seconds to wait for Redis; past it the vectors are computed and Redis "
+            "is skipped, with back-off, until it answers again."
+        ),
+    )
+
     # -- operations: logs, metrics, HTTP limits (api/middleware.py) --
     log_format: LogFormat = Field(
         "text", description="text (one line per record) | json (one JSON object per line)."
@@ -175,6 +221,31 @@ class Settings(BaseSettings):
             "(the right-most address not in this set is the client)."
         ),
     )
+    # -- Batch API (services/batches.py, services/batch_runner.py) --
+    data_dir: Path = Field(
+        Path("data"),
+        description=(
+            "Folder of the Batch API's store (SQLite and files), relative to the working "
+            "directory unless absolute; created on first use. Jobs resume from it after a restart."
+        ),
+    )
+    batch_max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1, description="Largest batch input file in bytes (OpenAI: 200 MB)."
+    )
+    batch_max_lines: int = Field(
+        50_000, ge=1, description="Most requests (lines) in one batch input file (OpenAI: 50000)."
+    )
+    batch_max_concurrent_jobs: int = Field(
+        2, ge=1, description="Batch jobs running at once; others wait (status validating)."
+    )
+    batch_line_concurrency: int = Field(
+        16,
+        ge=1,
+        description=(
+            "Lines of one batch job in flight at once. It bounds the background batches an "
+            "online request may wait for: lower favours online latency, higher job throughput."
+        ),
+    )
 
     @field_validator("device")
     @classmethod
@@ -193,6 +264,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must be at least EMB_PROVIDER_MAX_INPUTS_PER_REQUEST ({per_request})"
             )
+        return value
+
+    @field_validator("cache_url")
+    @classmethod
+    def _cache_url_shape(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(_REDIS_SCHEMES):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        if value is None and info.data.get("cache") == "redis":
+            raise ValueError("EMB_PROVIDER_CACHE=redis needs it")
         return value
 
     @field_validator("log_level", mode="before")
