@@ -332,6 +332,14 @@ def make_targets(names: list[str], install_timeout_s: float) -> list[Target]:
             env={"EMB_PROVIDER_NUM_THREADS": "1", "EMB_PROVIDER_CACHE": "off"},
             version=__version__,
         ),  # fmt: skip
+        # Same server, OpenMP threads that sleep instead of spinning when they wait.
+        "ours-passive": Target(
+            "ours-passive",
+            "emb-model-provider, OMP_WAIT_POLICY=PASSIVE",
+            _ours_argv,
+            env={"OMP_WAIT_POLICY": "PASSIVE", "EMB_PROVIDER_CACHE": "off"},
+            version=__version__,
+        ),  # fmt: skip
         "naive": Target("naive", "naive FastAPI + encode()", _naive_argv, ready_paths=("/health",)),
         "infinity": Target(
             "infinity",
@@ -998,7 +1006,9 @@ def main() -> int:
         help=f"comma-separated: {','.join(ALL_SCENARIOS)}",
     )
     parser.add_argument(
-        "--targets", default="ours,ours-t1,naive,infinity", help="ours,ours-t1,naive,infinity"
+        "--targets",
+        default="ours,ours-t1,naive,infinity",
+        help="ours,ours-t1,ours-passive,naive,infinity",
     )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy our server under bulk and chatty"
