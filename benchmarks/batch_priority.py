@@ -145,13 +145,13 @@ def summary(latencies: list[float]) -> dict[str, float]:
     return result
 
 
-async def job_alone(http: httpx.AsyncClient, payload: bytes, deadline_s: float) -> float:
-    """Seconds from creating a batch of ``payload`` to its completion, with no other traffic."""
+async def start_batch(http: httpx.AsyncClient, payload: bytes, name: str) -> tuple[str, float]:
+    """Upload ``payload`` and create a batch of it: its id and when it was created."""
     uploaded = await http.post(
-        "/v1/files", files={"file": ("alone.jsonl", payload)}, data={"purpose": "batch"}
+        "/v1/files", files={"file": (name, payload)}, data={"purpose": "batch"}
     )
     uploaded.raise_for_status()
-    started = time.perf_counter()
+    created_at = time.perf_counter()
     created = await http.post(
         "/v1/batches",
         json={
@@ -161,7 +161,12 @@ async def job_alone(http: httpx.AsyncClient, payload: bytes, deadline_s: float) 
         },
     )
     created.raise_for_status()
-    batch_id = created.json()["id"]
+    return created.json()["id"], created_at
+
+
+async def job_alone(http: httpx.AsyncClient, payload: bytes, deadline_s: float) -> float:
+    """Seconds from creating a batch of ``payload`` to its completion, with no other traffic."""
+    batch_id, started = await start_batch(http, payload, "alone.jsonl")
     while (await http.get(f"/v1/batches/{batch_id}")).json()["status"] not in TERMINAL:
         if time.perf_counter() - started > deadline_s:
             raise TimeoutError("the solitary batch did not finish in time")
@@ -188,21 +193,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
             for index, text in enumerate(job_texts)
         ]
         payload = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
-        uploaded = await http.post(
-            "/v1/files", files={"file": ("job.jsonl", payload)}, data={"purpose": "batch"}
-        )
-        uploaded.raise_for_status()
-        created_at = time.perf_counter()
-        created = await http.post(
-            "/v1/batches",
-            json={
-                "input_file_id": uploaded.json()["id"],
-                "endpoint": "/v1/embeddings",
-                "completion_window": "24h",
-            },
-        )
-        created.raise_for_status()
-        batch_id = created.json()["id"]
+        batch_id, created_at = await start_batch(http, payload, "job.jsonl")
         log(f"batch: {args.online} online requests while batch {batch_id} runs")
         with_batch = await online(http, texts(args.online, "batch"), args.budget_s)
         state = (await http.get(f"/v1/batches/{batch_id}")).json()

@@ -20,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 import yaml
-from openai.types import Batch
+from openai.types import Batch, BatchRequestCounts
 from sentence_transformers import SentenceTransformer
 
 from emb_model_provider.security.keys import generate_key, hash_key
@@ -90,6 +90,24 @@ def _run(client: openai.OpenAI, lines: list[dict[str, Any]]) -> Batch:
     )
     assert batch.status == "validating"
     return _wait(client, batch.id)
+
+
+def _start_until(
+    client: openai.OpenAI, lines: list[dict[str, Any]], *, completed: int, deadline_s: float = 60
+) -> tuple[Batch, BatchRequestCounts | None]:
+    """Start a batch of ``lines`` and return once at least ``completed`` of them are done (or
+    the deadline passed), with the counts last seen."""
+    batch = client.batches.create(
+        input_file_id=_upload(client, lines), endpoint="/v1/embeddings", completion_window="24h"
+    )
+    counts = None
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        counts = client.batches.retrieve(batch.id).request_counts
+        if counts is not None and counts.completed >= completed:
+            break
+        time.sleep(0.02)  # polling interval under a deadline
+    return batch, counts
 
 
 def _wait(client: openai.OpenAI, batch_id: str, deadline_s: float = 90) -> Batch:
@@ -427,18 +445,7 @@ def test_killed_server_resumes_the_job_with_every_line_once(
         tmp_path, data_dir=str(data_dir), warmup="false", **{k: str(v) for k, v in slow.items()}
     ) as first:
         assert not data_dir.exists()  # created on first use of the Batch API only
-        client = _client(first.url, "unused")
-        batch = client.batches.create(
-            input_file_id=_upload(client, lines),
-            endpoint="/v1/embeddings",
-            completion_window="24h",
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            counts = client.batches.retrieve(batch.id).request_counts
-            if counts is not None and counts.completed >= 20:
-                break
-            time.sleep(0.02)  # polling interval under a deadline
+        batch, counts = _start_until(_client(first.url, "unused"), lines, completed=20)
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(30)
     assert counts is not None and 20 <= counts.completed < total, counts
@@ -470,18 +477,7 @@ def test_a_job_past_its_window_expires_with_partial_output(tmp_path: Path) -> No
     lines = [_line(f"e{i}", {"model": DEFAULT_MODEL, "input": f"item {i}"}) for i in range(total)]
     settings = test_settings(data_dir=tmp_path, max_batch_size=4, batch_line_concurrency=4)
     with live_server(settings) as url:
-        client = _client(url, "unused")
-        batch = client.batches.create(
-            input_file_id=_upload(client, lines),
-            endpoint="/v1/embeddings",
-            completion_window="24h",
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            counts = client.batches.retrieve(batch.id).request_counts
-            if counts is not None and counts.completed >= 10:
-                break
-            time.sleep(0.02)  # polling interval under a deadline
+        batch, _ = _start_until(_client(url, "unused"), lines, completed=10)
     # A graceful stop leaves the job in progress, for the next start to resume.
     with sqlite3.connect(tmp_path / "batches.sqlite3") as db:
         status = db.execute("SELECT status FROM batches WHERE id = ?", (batch.id,)).fetchone()
