@@ -3,6 +3,8 @@ padded transformers forward that other architectures take."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
@@ -13,11 +15,26 @@ from tests.conftest import BUNDLED_DIR
 
 TEXTS = [
     "a",
+    "b",  # the same length as "a": one attention call for both
     "A medium sentence about embeddings and vector search.",
     "word " * 300,  # truncated to 256 tokens
     "ünïcödé 日本語 🙂",
     "Another one, of another length, to make the padding uneven across the batch.",
+    "c",  # equal to the first two in length, but not next to them: the encoder sorts
 ]
+
+
+@pytest.fixture(params=["grouped", "padded"])
+def attention(request: pytest.FixtureRequest, encoder: TextEncoder) -> Iterator[str]:
+    """Both attention layouts of the unpadded forward: grouped (CPU's default) and padded
+    (other devices' default), on CPU."""
+    unpadded = encoder._unpadded  # type: ignore[attr-defined]
+    assert unpadded is not None
+    unpadded.attention = request.param
+    try:
+        yield request.param
+    finally:
+        unpadded.attention = "auto"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +53,7 @@ def test_bert_runs_unpadded(encoder: TextEncoder) -> None:
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
-def test_unpadded_equals_padded(encoder: TextEncoder, pooling: str) -> None:
+def test_unpadded_equals_padded(encoder: TextEncoder, attention: str, pooling: str) -> None:
     prepared = encoder.prepare(TEXTS, truncate=True)
     encoder.pooling = pooling  # type: ignore[assignment]
     try:
@@ -48,7 +65,7 @@ def test_unpadded_equals_padded(encoder: TextEncoder, pooling: str) -> None:
 
 
 def test_unpadded_mean_matches_sentence_transformers(
-    encoder: TextEncoder, reference: SentenceTransformer
+    encoder: TextEncoder, attention: str, reference: SentenceTransformer
 ) -> None:
     got = encoder.encode(encoder.prepare(TEXTS, truncate=True))
     got /= np.linalg.norm(got, axis=1, keepdims=True)
