@@ -17,7 +17,10 @@ from pathlib import Path
 
 #: (bucket, markers): a stack goes to the first bucket with a marker in any of its frames.
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
-    ("model forward (torch)", ("modeling_", "torch/nn/", "_call_impl", "_wrapped_call_impl")),
+    (
+        "model forward (torch)",
+        ("modeling_", "bert_unpadded", "torch/nn/", "_call_impl", "_wrapped_call_impl"),
+    ),
     (
         "pad + pool + to numpy (encoder, outside the model)",
         ("encoders/text.py", "encoders/image.py"),

@@ -2,7 +2,10 @@
 
 One worker thread per model takes everything that is waiting, sorts it by length (less padding),
 cuts batches by count (``max_batch_size``) and by padded tokens (longest x count <=
-``max_batch_tokens``, as text-embeddings-inference does), and runs the encoder on each. Each input
+``max_batch_tokens``, as text-embeddings-inference does), and runs the encoder on each. A round's
+last batch, when it is not full and new inputs arrived while the round ran, goes back to the front
+of the queue to be merged with them (once per input): with many one-input clients the model then
+runs full batches instead of a full one and a remainder. Each input
 has its own future, so a failure reaches only its own request: a batch that raises is split in
 halves and retried until the failing input is alone. While the model is busy, new inputs gather,
 so the next batch is full without any artificial wait. The queue is bounded: a request that would
@@ -91,6 +94,7 @@ class _Item:
     future: asyncio.Future[Vectors]
     loop: asyncio.AbstractEventLoop
     enqueued_s: float  # time.perf_counter() when queued
+    deferred: bool = False  # held back once to fill a later batch
 
 
 def _resolve(future: asyncio.Future[Vectors], result: Vectors | BaseException) -> None:
@@ -188,7 +192,9 @@ class DynamicBatcher:
                 with self._cond:
                     self._background.extendleft(reversed([i for b in batches[1:] for i in b]))
                 batches = batches[:1]
-            for batch in batches:
+            for index, batch in enumerate(batches):
+                if index == len(batches) - 1 and queue is self._pending and self._defer(batch):
+                    break
                 self._start_batch(batch)
 
     def _cut(self, items: list[_Item]) -> list[list[_Item]]:
@@ -206,6 +212,23 @@ class DynamicBatcher:
         if current:
             batches.append(current)
         return batches
+
+    def _defer(self, batch: list[_Item]) -> bool:
+        """Put a round's unfilled last batch back in front of the queue when inputs arrived
+        meanwhile, so the next round cuts it together with them; never the same input twice, so
+        an input waits at most one batch longer than it would have."""
+        if len(batch) >= self._max_batch_size or any(item.deferred for item in batch):
+            return False
+        longest = batch[-1].prepared.n_tokens  # ascending order within a batch
+        if longest * (len(batch) + 1) > self._max_batch_tokens:
+            return False  # cut by the token budget: it is as full as it can be
+        with self._cond:
+            if not self._pending or self._stopping:
+                return False
+            for item in batch:
+                item.deferred = True
+            self._pending.extendleft(reversed(batch))
+        return True
 
     def _start_batch(self, batch: list[_Item]) -> None:
         live = [item for item in batch if not item.future.done()]

@@ -298,3 +298,85 @@ def test_background_batches_are_cut_at_their_own_smaller_size() -> None:
     assert [len(batch) for batch in encoder.batches] == [3, 3, 1, 7]
     assert [vector[0] for vector in bulk] == list(range(7))
     assert [vector[0] for vector in online] == list(range(10, 17))
+
+
+class ArrivingEncoder(RecordingEncoder):
+    """A RecordingEncoder during whose ``k``-th batch the requests ``arrivals[k]`` (lists of
+    lengths, numbered from ``start``) reach the batcher, as other clients' requests do while the
+    model is busy."""
+
+    def __init__(self, arrivals: dict[int, list[tuple[int, int]]]) -> None:
+        super().__init__()
+        self.arrivals = arrivals
+        self.calls = 0
+        self.requests: list[asyncio.Future[list[Vectors]]] = []
+        self.batcher: DynamicBatcher | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def __call__(self, batch: Sequence[PreparedInput]) -> Vectors:
+        self.calls += 1
+        batcher, loop = self.batcher, self.loop
+        assert batcher is not None and loop is not None
+        arriving = self.arrivals.get(self.calls, [])
+        expected = batcher.queued_inputs + len(arriving)
+        for length, payload in arriving:
+            loop.call_soon_threadsafe(self._submit, batcher, length, payload)
+        for _ in range(DEADLINE_S * 1000):  # until they are queued, as if they came in time
+            if batcher.queued_inputs >= expected:
+                break
+            threading.Event().wait(0.001)
+        return super().__call__(batch)
+
+    def _submit(self, batcher: DynamicBatcher, length: int, payload: int) -> None:
+        self.requests.append(asyncio.ensure_future(batcher.embed(_inputs(length, start=payload))))
+
+
+def _run_with_arrivals(
+    arrivals: dict[int, list[tuple[int, int]]], first: int = 100
+) -> tuple[ArrivingEncoder, list[float]]:
+    """Send one input ``first``; return the encoder's record and every request's payload."""
+    encoder = ArrivingEncoder(arrivals)
+    batcher = _batcher(encoder, max_batch_size=4)
+    encoder.batcher = batcher
+    expected = 1 + sum(len(requests) for requests in arrivals.values())
+
+    async def run() -> list[float]:
+        encoder.loop = asyncio.get_running_loop()
+        rows = [await batcher.embed(_inputs(1, start=first))]
+        for _ in range(DEADLINE_S * 100):
+            if len(encoder.requests) >= expected - 1 and all(r.done() for r in encoder.requests):
+                break
+            await asyncio.sleep(0.01)
+        rows += await asyncio.gather(*encoder.requests)
+        return [float(result[0][0]) for result in rows]
+
+    try:
+        payloads = asyncio.run(run())
+    finally:
+        batcher.stop()
+    return encoder, payloads
+
+
+def test_an_unfilled_last_batch_waits_for_inputs_that_arrived_meanwhile() -> None:
+    """Many one-input clients: a round of 6 with batches of 4 runs 4, and the other 2 are cut
+    together with the inputs that arrived during that batch, so the model runs full batches."""
+    encoder, payloads = _run_with_arrivals(
+        {1: [(i + 1, i) for i in range(6)], 2: [(9, 20), (9, 21)]}
+    )
+    assert encoder.batches == [[100], [0, 1, 2, 3], [4, 5, 20, 21]]
+    assert payloads == [100, 0, 1, 2, 3, 4, 5, 20, 21]
+
+
+def test_an_input_is_held_back_only_once() -> None:
+    """The long input 7 is the unfilled remainder of two rounds; it waits for one batch, not
+    two."""
+    shorts = [(1, 10), (1, 11), (1, 12), (1, 13)]
+    encoder, _ = _run_with_arrivals(
+        {1: [(1, 0), (1, 1), (1, 2), (1, 3), (50, 7)], 2: shorts, 3: [(1, 14)]}
+    )
+    assert encoder.batches == [[100], [0, 1, 2, 3], [10, 11, 12, 13], [7], [14]]
+
+
+def test_an_unfilled_batch_runs_at_once_when_nothing_else_waits() -> None:
+    encoder, _ = _run_with_arrivals({1: [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]})
+    assert encoder.batches == [[100], [0, 1, 2, 3], [4]]
