@@ -11,8 +11,9 @@ from typing import Literal, cast
 
 import numpy as np
 
+from emb_model_provider.core import model_thread
 from emb_model_provider.core.errors import BadInput, ContextLengthExceeded, InvalidRequest
-from emb_model_provider.encoders.base import PreparedInput, Vectors
+from emb_model_provider.encoders.base import Encoder, PreparedInput, Vectors
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, render_embeddings
 from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.cache import CachedVector, ResultCache
@@ -130,9 +131,7 @@ class EmbeddingService:
             if self.cache.enabled and model.fingerprint is not None:
                 vectors, prompt_tokens = await self._embed_cached(model, data, background)
             else:
-                prepared = await asyncio.to_thread(
-                    model.encoder.prepare, data, truncate=self._limits.truncate
-                )
+                prepared = await self._prepare(model.encoder, data)
                 prompt_tokens = self._check_tokens(prepared, model)
                 vectors = _stack(await model.batcher.embed(prepared, background=background))
         if dimensions is not None:
@@ -161,9 +160,7 @@ class EmbeddingService:
         async def compute(indices: list[int], tokens_known: int) -> list[CachedVector]:
             subset = [data[index] for index in indices]
             try:
-                prepared = await asyncio.to_thread(
-                    encoder.prepare, subset, truncate=self._limits.truncate
-                )
+                prepared = await self._prepare(encoder, subset)
             except BadInput as exc:  # name the input by its place in the request
                 raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
             self._check_tokens(prepared, model, tokens_known=tokens_known)
@@ -177,6 +174,14 @@ class EmbeddingService:
         entries = await self.cache.resolve(scope, keys, compute)
         prompt_tokens = self._check_total(sum(entry.n_tokens for entry in entries))
         return _stack([entry.array() for entry in entries]), prompt_tokens
+
+    async def _prepare(self, encoder: Encoder, data: Sequence[str | bytes]) -> list[PreparedInput]:
+        """Tokenise (a thread of the pool: tokenizers is Rust, no torch) or decode and preprocess
+        images (the model thread: the image processors run torch kernels, see
+        ``core/model_thread.py``)."""
+        if encoder.modality == "image":
+            return await model_thread.run(encoder.prepare, data, truncate=self._limits.truncate)
+        return await asyncio.to_thread(encoder.prepare, data, truncate=self._limits.truncate)
 
     def _check_count(self, count: int) -> None:
         if count > self._limits.max_inputs_per_request:

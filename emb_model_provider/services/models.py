@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from emb_model_provider.batching import DynamicBatcher
+from emb_model_provider.core import model_thread
 from emb_model_provider.core.errors import InvalidRequest, ModelLoadFailed
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import SourceError
@@ -152,9 +153,9 @@ class ModelManager:
         started = time.perf_counter()
         logger.info("loading model %s from %s", spec.name, spec.source)
         try:
-            encoder = await asyncio.to_thread(build_encoder, spec, self._options)
+            encoder = await model_thread.run(build_encoder, spec, self._options)
             if self._warmup:
-                await asyncio.to_thread(encoder.warmup)
+                await model_thread.run(encoder.warmup)
         except SourceError as exc:
             logger.error("model %s cannot be loaded: %s", spec.name, exc)
             raise ModelLoadFailed(
@@ -170,7 +171,7 @@ class ModelManager:
         fingerprint = await self._fingerprint(spec)
         batcher = DynamicBatcher(
             spec.name,
-            encoder.encode,
+            model_thread.bound(encoder.encode),
             max_batch_size=self._limits.max_batch_size,
             max_batch_tokens=self._limits.max_batch_tokens,
             max_queue_inputs=self._limits.max_queue_inputs,
@@ -321,6 +322,7 @@ class ModelManager:
 
 
 def _release(model: LoadedModel) -> None:
-    """Finish the accepted inputs, end the worker, free the weights (blocking)."""
+    """Finish the accepted inputs, end the worker, free the weights (blocking; not on the model
+    thread, which the batcher's last batches need)."""
     model.batcher.stop()
-    model.encoder.close()
+    model_thread.call(model.encoder.close)

@@ -1,0 +1,107 @@
+"""Every call into torch runs on the one model thread (core/model_thread.py): loading, warm-up,
+image preprocessing, forward and release, whichever thread or task asks for them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from emb_model_provider.core import model_thread
+from emb_model_provider.encoders.base import Encoder, LoadOptions, PreparedInput, Vectors
+from emb_model_provider.registry import ModelSpec, Registry
+from emb_model_provider.services import models as models_module
+from emb_model_provider.services.models import BatchLimits, ModelManager
+from tests.conftest import BUNDLED_DIR
+
+
+class Recording:
+    """Wraps a real encoder and notes the thread of every call that reaches torch."""
+
+    def __init__(self, inner: Encoder, threads: list[tuple[str, int]]) -> None:
+        self._inner = inner
+        self._threads = threads
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def warmup(self) -> None:
+        self._threads.append(("warmup", threading.get_ident()))
+        self._inner.warmup()
+
+    def encode(self, batch: Sequence[PreparedInput]) -> Vectors:
+        self._threads.append(("encode", threading.get_ident()))
+        return self._inner.encode(batch)
+
+    def close(self) -> None:
+        self._threads.append(("close", threading.get_ident()))
+        self._inner.close()
+
+
+def test_load_warmup_forward_and_release_share_one_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads: list[tuple[str, int]] = []
+    real_build = models_module.build_encoder
+
+    def build(spec: ModelSpec, options: LoadOptions) -> Encoder:
+        threads.append(("load", threading.get_ident()))
+        return Recording(real_build(spec, options), threads)  # type: ignore[return-value]
+
+    monkeypatch.setattr(models_module, "build_encoder", build)
+    spec = ModelSpec(name="threads", source=str(BUNDLED_DIR), modality="text")
+    manager = ModelManager(
+        Registry([spec]),
+        LoadOptions(device="cpu", dtype="float32"),
+        BatchLimits(max_batch_size=4, max_batch_tokens=4096, max_queue_inputs=64),
+        warmup=True,
+    )
+
+    async def run() -> None:
+        async with manager.use(spec) as model:
+            texts = [f"sentence number {index}" for index in range(10)]
+            requests = [
+                model.batcher.embed(model.encoder.prepare([text], truncate=True)) for text in texts
+            ]
+            await asyncio.gather(*requests)
+        await manager.unload("threads")
+
+    asyncio.run(run())
+    kinds = [kind for kind, _ in threads]
+    assert kinds[:2] == ["load", "warmup"] and kinds[-1] == "close" and "encode" in kinds
+    idents = {ident for _, ident in threads}
+    assert len(idents) == 1, threads
+    assert idents != {threading.get_ident()}
+    assert model_thread.call(threading.get_ident) in idents
+
+
+def test_calls_from_many_threads_run_on_the_model_thread_and_errors_come_back() -> None:
+    seen: list[int] = []
+
+    def from_worker() -> None:
+        seen.append(model_thread.call(threading.get_ident))
+
+    workers = [threading.Thread(target=from_worker) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert len(set(seen)) == 1 and threading.get_ident() not in seen
+
+    def nested() -> int:  # already on the model thread: runs directly, no deadlock
+        assert model_thread.on_model_thread()
+        return model_thread.call(threading.get_ident)
+
+    assert model_thread.call(nested) == seen[0]
+    assert not model_thread.on_model_thread()
+
+    def fails() -> None:
+        raise ValueError("from the model thread")
+
+    with pytest.raises(ValueError, match="from the model thread"):
+        model_thread.call(fails)
+    with pytest.raises(ValueError, match="from the model thread"):
+        asyncio.run(model_thread.run(fails))
