@@ -332,6 +332,15 @@ def make_targets(names: list[str], install_timeout_s: float) -> list[Target]:
             env={"EMB_PROVIDER_NUM_THREADS": "1", "EMB_PROVIDER_CACHE": "off"},
             version=__version__,
         ),  # fmt: skip
+        # Same server, the model in bfloat16 (EMB_PROVIDER_DTYPE; per model: `dtype:` in the
+        # models file): 2x on CPUs with AMX/AVX512-BF16, cosine >= 0.9999 (benchmarks/backends.py).
+        "ours-bf16": Target(
+            "ours-bf16",
+            "emb-model-provider, bfloat16",
+            _ours_argv,
+            env={"EMB_PROVIDER_DTYPE": "bfloat16", "EMB_PROVIDER_CACHE": "off"},
+            version=__version__,
+        ),  # fmt: skip
         # Same server, OpenMP threads that sleep instead of spinning when they wait.
         "ours-passive": Target(
             "ours-passive",
@@ -1075,8 +1084,8 @@ def main() -> int:
     )
     parser.add_argument(
         "--targets",
-        default="ours,ours-t1,naive,infinity",
-        help="ours,ours-t1,ours-passive,naive,infinity",
+        default="ours,ours-bf16,naive,infinity",
+        help="ours,ours-bf16,ours-t1,ours-passive,naive,infinity",
     )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy our server under bulk and chatty"

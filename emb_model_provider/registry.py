@@ -8,6 +8,7 @@ not import torch (services and routes use the registry and must stay free of tor
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,7 @@ from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, SourceErr
 
 Modality = Literal["text", "image"]
 Pooling = Literal["mean", "cls", "max"]
+DType = Literal["float32", "float16", "bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class ModelSpec:
     normalize: bool = True
     dimensions: int | None = None
     owned_by: str = "emb-model-provider"
+    #: Weights and compute dtype for this model; None: the server's ``EMB_PROVIDER_DTYPE``.
+    dtype: DType | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -120,7 +124,7 @@ def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
         revision=spec.revision,
         max_input_tokens=spec.max_input_tokens,
         pooling=spec.pooling,
-        options=options,
+        options=options if spec.dtype is None else dataclasses.replace(options, dtype=spec.dtype),
     )
     return encoder
 
@@ -140,6 +144,7 @@ class _ModelEntry(BaseModel):
     normalize: bool = True
     dimensions: int | None = Field(None, ge=1)
     owned_by: str = "emb-model-provider"
+    dtype: DType | None = None
 
 
 class _ModelsFile(BaseModel):
@@ -180,6 +185,7 @@ def load_models_file(path: Path) -> list[ModelSpec]:
             normalize=entry.normalize,
             dimensions=entry.dimensions,
             owned_by=entry.owned_by,
+            dtype=entry.dtype,
         )
         for entry in parsed.models
     ]

@@ -164,6 +164,9 @@ models:
     owned_by: team
   - name: rel-minilm
     source: ./bundled-link          # relative to this file's folder
+  - name: bf16-minilm
+    source: {BUNDLED_DIR}
+    dtype: bfloat16
   - name: tiny
     source: {tiny}
   - name: tiny-rel
@@ -280,6 +283,17 @@ def test_local_model_matches_the_default_model_and_sentence_transformers(
     default = _vectors(_embed(server, DEFAULT_MODEL, TEXTS))
     np.testing.assert_allclose(ours, default, atol=1e-6)
     _assert_close(ours, reference.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True))
+
+
+def test_a_model_can_run_in_its_own_dtype(server: Server, reference: SentenceTransformer) -> None:
+    """``dtype: bfloat16`` in the models file: that model runs in bfloat16 (its vectors are not
+    the float32 ones, but within cosine 0.999 of them) while the others stay float32."""
+    ours = _vectors(_embed(server, "bf16-minilm", TEXTS))
+    default = _vectors(_embed(server, DEFAULT_MODEL, TEXTS))
+    ref = reference.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    assert np.abs(ours - default).max() > 1e-4  # not float32
+    assert np.sum(ours * ref, axis=1).min() >= 0.999
+    _assert_close(default, ref)
 
 
 def test_relative_path_loads_on_first_use(server: Server, reference: SentenceTransformer) -> None:
@@ -490,6 +504,7 @@ BAD_MODELS_FILES: dict[str, tuple[str, str]] = {
     "misspelt source": ("models:\n  - name: x\n    sourse: /tmp\n", "sourse"),
     "bad modality": ("models:\n  - name: x\n    source: /tmp\n    modality: audio\n", "modality"),
     "missing source": ("models:\n  - name: x\n", "models.0.source: Field required"),
+    "bad dtype": ("models:\n  - name: x\n    source: /tmp\n    dtype: int8\n", "dtype"),
     "bad pooling": ("models:\n  - name: x\n    source: /tmp\n    pooling: sum\n", "pooling"),
     "zero max tokens": (
         "models:\n  - name: x\n    source: /tmp\n    max_input_tokens: 0\n",
