@@ -379,6 +379,10 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+#: Seconds after which an idle kept-alive connection is closed rather than reused.
+_IDLE_EXPIRY_S = 4.0
+
+
 class _Connection:
     """One HTTP/1.1 keep-alive connection on asyncio streams: request bytes out, status and body
     (Content-Length or chunked) back. A few tens of microseconds of client CPU per request,
@@ -425,39 +429,47 @@ class Load:
             f"POST /v1/embeddings HTTP/1.1\r\nHost: {host_port}\r\n"
             "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n"
         )
-        self._idle: list[_Connection] = []
+        self._idle: list[tuple[_Connection, float]] = []
 
     async def close(self) -> None:
-        for connection in self._idle:
+        for connection, _ in self._idle:
             connection.close()
         self._idle.clear()
 
     async def _send(self, body: bytes) -> tuple[int, bytes]:
         head = self._head.format(len(body)).encode()
-        for attempt in range(2):  # a kept-alive connection the server has just closed: once more
-            if self._idle:
-                connection, fresh = self._idle.pop(), False
-            else:
+        while True:
+            # A kept-alive connection idle for a while may have been closed by the server (uvicorn
+            # closes after 5 s by default; httpx expires its own at 5 s for the same reason): drop
+            # those, and try the next on a closed one; a fresh connection's error is real.
+            connection = None
+            while self._idle:
+                candidate, idle_since = self._idle.pop()
+                if time.monotonic() - idle_since < _IDLE_EXPIRY_S:
+                    connection = candidate
+                    break
+                candidate.close()
+            fresh = connection is None
+            if connection is None:
                 reader, writer = await asyncio.open_connection(self.host, self.port)
-                connection, fresh = _Connection(reader, writer), True
+                connection = _Connection(reader, writer)
             try:
                 status, data, keep = await asyncio.wait_for(
                     connection.request(head, body), timeout=120
                 )
             except (asyncio.IncompleteReadError, ConnectionError):
                 connection.close()
-                if fresh or attempt:
+                if fresh:
                     raise
                 continue
             except BaseException:
                 connection.close()
                 raise
             if keep:
-                self._idle.append(connection)
+                self._idle.append((connection, time.monotonic()))
             else:
                 connection.close()
             return status, data
-        raise AssertionError("unreachable")
 
     async def post(self, inputs: list[Any]) -> float:
         start = time.perf_counter()

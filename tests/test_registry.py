@@ -167,6 +167,9 @@ models:
   - name: bf16-minilm
     source: {BUNDLED_DIR}
     dtype: bfloat16
+  - name: fp16-minilm
+    source: {BUNDLED_DIR}
+    dtype: float16
   - name: tiny
     source: {tiny}
   - name: tiny-rel
@@ -294,6 +297,13 @@ def test_a_model_can_run_in_its_own_dtype(server: Server, reference: SentenceTra
     assert np.abs(ours - default).max() > 1e-4  # not float32
     assert np.sum(ours * ref, axis=1).min() >= 0.999
     _assert_close(default, ref)
+
+
+def test_float16_on_the_cpu_fails_with_the_reason(server: Server) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this server would run on CUDA, where float16 is allowed")
+    assert "float16 is not supported on the CPU" in _load_error(server, "fp16-minilm")
+    _assert_default_still_serves(server)
 
 
 def test_relative_path_loads_on_first_use(server: Server, reference: SentenceTransformer) -> None:

@@ -11,6 +11,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from emb_model_provider.encoders.base import LoadOptions
+from emb_model_provider.encoders.sources import SourceError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -20,7 +21,10 @@ def torch_runtime(options: LoadOptions) -> tuple[torch.device, torch.dtype]:
         torch.set_num_threads(options.num_threads)
     # Weight loading progress bars are noise in a server's log.
     cast(Callable[[], None], hf_logging.disable_progress_bar)()  # untyped in transformers
-    return torch.device(options.device), _DTYPES[options.dtype]
+    device = torch.device(options.device)
+    if device.type == "cpu" and options.dtype == "float16":  # as EMB_PROVIDER_DTYPE (core/device)
+        raise SourceError("float16 is not supported on the CPU; use float32 or bfloat16")
+    return device, _DTYPES[options.dtype]
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
