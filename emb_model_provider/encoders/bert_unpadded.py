@@ -21,7 +21,8 @@ sentence-transformers on the same weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Literal, cast
 
 import numpy as np
@@ -130,13 +131,12 @@ class UnpaddedBert:
         """(len(batch), hidden) pooled vectors, float32, for token id arrays of any lengths."""
         lengths_list = [int(ids.shape[0]) for ids in batch]
         grouped = self.attention == "grouped" or (self.attention == "auto" and device.type == "cpu")
-        order = sorted(range(len(batch)), key=lengths_list.__getitem__)
-        if grouped and order != list(range(len(batch))):
-            # Sorted by length, neighbours share attention calls; rows go back in input order.
-            in_order = self.pooled([batch[index] for index in order], device, pooling)
-            inverse = torch.empty(len(order), dtype=torch.long, device=device)
-            inverse[torch.tensor(order, device=device)] = torch.arange(len(order), device=device)
-            return in_order[inverse]
+        if grouped:
+            order = sorted(range(len(batch)), key=lengths_list.__getitem__)
+            if order != list(range(len(batch))):
+                # Sorted by length, equal lengths share attention calls; rows back in input order.
+                in_order = self.pooled([batch[index] for index in order], device, pooling)
+                return in_order[torch.argsort(torch.tensor(order, device=device))]
         size, longest = len(batch), max(lengths_list)
         lengths = torch.tensor(lengths_list, device=device)
         flat_ids = torch.from_numpy(np.concatenate(batch)).to(device, non_blocking=True)
@@ -152,19 +152,20 @@ class UnpaddedBert:
             + embeddings.token_type_embeddings.weight[0]
         )
         hidden = embeddings.LayerNorm(hidden)
-        runs = _runs(lengths_list) if grouped else None
-        key_mask = (
-            (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
-            if runs is None
-            else None
-        )
+        attend: Callable[[torch.Tensor], torch.Tensor]
+        if grouped:
+            attend = functools.partial(self._attend_each, runs=_runs(lengths_list))
+        else:
+            key_mask = torch.arange(longest, device=device)[None, :] < lengths[:, None]
+            attend = functools.partial(
+                self._attend_padded,
+                slot=slot,
+                size=size,
+                longest=longest,
+                key_mask=key_mask[:, None, None, :],
+            )
         for layer, (qkv_weight, qkv_bias) in zip(self._layers, self._qkv, strict=True):
-            qkv = F.linear(hidden, qkv_weight, qkv_bias)
-            if runs is not None:
-                attended = self._attend_each(qkv, runs)
-            else:
-                assert key_mask is not None
-                attended = self._attend_padded(qkv, slot, size, longest, key_mask)
+            attended = attend(F.linear(hidden, qkv_weight, qkv_bias))
             attention_out = layer.attention.output
             hidden = attention_out.LayerNorm(attention_out.dense(attended) + hidden)
             intermediate = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
