@@ -1,5 +1,6 @@
-"""Every call into torch runs on the one model thread (core/model_thread.py): loading, warm-up,
-image preprocessing, forward and release, whichever thread or task asks for them."""
+"""Every call into torch runs on the one model thread (core/model_thread.py): warm-up, image
+preprocessing, forward and release, whichever thread or task asks for them; loading runs on a
+thread of its own that is gone once the model is loaded."""
 
 from __future__ import annotations
 
@@ -41,14 +42,16 @@ class Recording:
         self._inner.close()
 
 
-def test_load_warmup_forward_and_release_share_one_thread(
+def test_warmup_forward_and_release_share_one_thread_and_the_loader_is_gone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     threads: list[tuple[str, int]] = []
+    loaders: list[threading.Thread] = []
     real_build = models_module.build_encoder
 
     def build(spec: ModelSpec, options: LoadOptions) -> Encoder:
         threads.append(("load", threading.get_ident()))
+        loaders.append(threading.current_thread())
         return Recording(real_build(spec, options), threads)  # type: ignore[return-value]
 
     monkeypatch.setattr(models_module, "build_encoder", build)
@@ -72,10 +75,12 @@ def test_load_warmup_forward_and_release_share_one_thread(
     asyncio.run(run())
     kinds = [kind for kind, _ in threads]
     assert kinds[:2] == ["load", "warmup"] and kinds[-1] == "close" and "encode" in kinds
-    idents = {ident for _, ident in threads}
-    assert len(idents) == 1, threads
-    assert idents != {threading.get_ident()}
-    assert model_thread.call(threading.get_ident) in idents
+    idents = {ident for kind, ident in threads if kind != "load"}
+    assert idents == {model_thread.call(threading.get_ident)}, threads
+    # The load ran on a thread of its own, which (and with it its OpenMP team) ended with it.
+    assert len(loaders) == 1 and loaders[0].name == "model-load"
+    loaders[0].join(30)
+    assert not loaders[0].is_alive()
 
 
 def test_calls_from_many_threads_run_on_the_model_thread_and_errors_come_back() -> None:
@@ -105,3 +110,24 @@ def test_calls_from_many_threads_run_on_the_model_thread_and_errors_come_back() 
         model_thread.call(fails)
     with pytest.raises(ValueError, match="from the model thread"):
         asyncio.run(model_thread.run(fails))
+    with pytest.raises(ValueError, match="from the model thread"):
+        asyncio.run(model_thread.run_apart(fails))
+
+
+def test_a_load_does_not_hold_up_the_model_thread() -> None:
+    """While a slow load runs apart, work for the models already loaded still runs."""
+    release = threading.Event()
+
+    def slow_load() -> str:
+        assert release.wait(30)
+        return "loaded"
+
+    async def run() -> str:
+        loading = asyncio.ensure_future(model_thread.run_apart(slow_load))
+        await asyncio.sleep(0)
+        served = await asyncio.wait_for(model_thread.run(lambda: "served"), 30)
+        assert not loading.done()
+        release.set()
+        return served + " " + await loading
+
+    assert asyncio.run(run()) == "served loaded"

@@ -153,7 +153,7 @@ class ModelManager:
         started = time.perf_counter()
         logger.info("loading model %s from %s", spec.name, spec.source)
         try:
-            encoder = await model_thread.run(build_encoder, spec, self._options)
+            encoder = await model_thread.run_apart(build_encoder, spec, self._options)
             if self._warmup:
                 await model_thread.run(encoder.warmup)
         except SourceError as exc:
