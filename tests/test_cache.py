@@ -628,7 +628,11 @@ def test_killed_redis_never_fails_a_request(
     for _ in range(5):
         for url in (replicas.first, replicas.second):
             got = vectors_bytes(url, texts, timeout_s=15)
-            assert got[0] == before_outage[0]
+            # Recomputed, not read back: batched with another text of another length, its last
+            # bits may differ from the vector computed alone (the GEMMs block rows differently).
+            np.testing.assert_allclose(
+                np.frombuffer(got[0], "<f4"), np.frombuffer(before_outage[0], "<f4"), atol=1e-6
+            )
             np.testing.assert_allclose(
                 np.frombuffer(got[1], "<f4"),
                 reference.encode([texts[1]], normalize_embeddings=True)[0],
