@@ -15,6 +15,7 @@ from emb_model_provider.core import model_thread
 from emb_model_provider.encoders.base import Encoder, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.registry import ModelSpec, Registry
 from emb_model_provider.services import models as models_module
+from emb_model_provider.services.embedding_service import EmbeddingService, RequestLimits
 from emb_model_provider.services.models import BatchLimits, ModelManager
 from tests.conftest import BUNDLED_DIR
 
@@ -131,3 +132,32 @@ def test_a_load_does_not_hold_up_the_model_thread() -> None:
         return served + " " + await loading
 
     assert asyncio.run(run()) == "served loaded"
+
+
+class PrepareRecorder:
+    """An encoder of either modality whose ``prepare`` notes the thread it ran on."""
+
+    def __init__(self, modality: str) -> None:
+        self.modality = modality
+        self.threads: list[int] = []
+
+    def prepare(self, inputs: Sequence[str | bytes], *, truncate: bool) -> list[PreparedInput]:
+        self.threads.append(threading.get_ident())
+        return [PreparedInput(payload=value, n_tokens=1) for value in inputs]
+
+
+def test_images_are_preprocessed_on_the_model_thread_and_texts_are_not() -> None:
+    """Image processors run torch kernels, so image inputs are prepared on the model thread;
+    tokenising text (Rust, no torch) stays off it, where it does not queue behind a forward."""
+    limits = RequestLimits(max_inputs_per_request=8, max_tokens_per_request=1024, truncate=True)
+    service = EmbeddingService(None, limits, None)  # type: ignore[arg-type]  # only _prepare runs
+    image, text = PrepareRecorder("image"), PrepareRecorder("text")
+
+    async def run() -> None:
+        await service._prepare(image, [b"png bytes"])  # type: ignore[arg-type]
+        await service._prepare(text, ["a sentence"])  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    model = model_thread.call(threading.get_ident)
+    assert image.threads == [model]
+    assert text.threads and text.threads[0] != model
