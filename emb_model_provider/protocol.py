@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from emb_model_provider.encoders.base import Vectors
+from emb_model_provider.core.vectors import Vectors
 
 logger = logging.getLogger(__name__)
 

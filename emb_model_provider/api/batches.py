@@ -1,5 +1,5 @@
 """/v1/batches: create, list, retrieve and cancel Batch API jobs of /v1/embeddings requests.
-Thin: parse, ask ``services/batches.py``, return; ``services/batch_runner.py`` does the work."""
+Thin: parse, ask ``batch/service.py``, return; ``batch/runner.py`` does the work."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from starlette.applications import Starlette
 from emb_model_provider.api import files
 from emb_model_provider.api.exceptions import validation_message
 from emb_model_provider.api.files import JobsDep, OwnerDep
-from emb_model_provider.batch_protocol import BatchList, BatchObject, CreateBatchRequest
+from emb_model_provider.batch.protocol import BatchList, BatchObject, CreateBatchRequest
+from emb_model_provider.batch.runner import BatchRunner
+from emb_model_provider.batch.service import BatchJobs, FileLimits
 from emb_model_provider.core.config import Settings
 from emb_model_provider.protocol import ErrorResponse
 from emb_model_provider.registry import Registry
-from emb_model_provider.services.batch_runner import BatchRunner
-from emb_model_provider.services.batches import BatchJobs, FileLimits
 from emb_model_provider.services.embedding_service import EmbeddingService
 
 router = APIRouter()

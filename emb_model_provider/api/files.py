@@ -1,5 +1,5 @@
 """/v1/files: upload, list, retrieve, download and delete files (OpenAI's Files API, for the
-Batch API's input and output files). Thin: parse, ask ``services/batches.py``, return."""
+Batch API's input and output files). Thin: parse, ask ``batch/service.py``, return."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
-from emb_model_provider.batch_protocol import FileDeleted, FileList, FileObject
+from emb_model_provider.batch.protocol import FileDeleted, FileList, FileObject
+from emb_model_provider.batch.service import BatchJobs, Owner
 from emb_model_provider.core.errors import InvalidRequest
 from emb_model_provider.protocol import ErrorResponse
 from emb_model_provider.security.keys import ApiKey
-from emb_model_provider.services.batches import BatchJobs, Owner
 
 router = APIRouter()
 

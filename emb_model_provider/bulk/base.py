@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from emb_model_provider.bulk.records import InputKind, Record
-from emb_model_provider.encoders.base import Vectors
+from emb_model_provider.core.vectors import Vectors
 
 
 class BulkError(Exception):

@@ -25,7 +25,7 @@ from PIL import Image
 
 from emb_model_provider.bulk.base import BulkError, ChunkResult, empty_vectors
 from emb_model_provider.bulk.records import InputKind, Record
-from emb_model_provider.encoders.base import Vectors
+from emb_model_provider.core.vectors import Vectors
 
 _RETRIES = 6
 _MAX_BACKOFF_S = 30.0

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from emb_model_provider import __version__
 from emb_model_provider.bulk.base import BulkError, ChunkResult
-from emb_model_provider.encoders.base import Vectors
+from emb_model_provider.core.vectors import Vectors
 
 OutputFormat = Literal["parquet", "npy"]
 MANIFEST = "manifest.json"

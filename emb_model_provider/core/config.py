@@ -221,7 +221,7 @@ class Settings(BaseSettings):
             "(the right-most address not in this set is the client)."
         ),
     )
-    # -- Batch API (services/batches.py, services/batch_runner.py) --
+    # -- Batch API (batch/service.py, batch/runner.py) --
     data_dir: Path = Field(
         Path("data"),
         description=(

@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import numpy as np
-import numpy.typing as npt
+from emb_model_provider.core.vectors import Vectors
 
-Vectors = npt.NDArray[np.float32]
+__all__ = ["Encoder", "LoadOptions", "PreparedInput", "Vectors"]
 
 
 @dataclass(frozen=True, slots=True)

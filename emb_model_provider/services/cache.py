@@ -39,7 +39,7 @@ from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
-from emb_model_provider.encoders.base import Vectors
+from emb_model_provider.core.vectors import Vectors
 from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, resolve_source
 from emb_model_provider.registry import ModelSpec
 

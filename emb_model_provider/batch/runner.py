@@ -8,7 +8,7 @@ each finished line durably, write the output and error files.
 - **Bounds.** At most ``max_concurrent_jobs`` jobs run, each with at most ``line_concurrency``
   lines in flight; the input file is read a chunk of lines at a time.
 - **Durability.** A line counts as done once its output line is committed to the store
-  (``services/batch_store.py``); after a restart or a SIGKILL, a job resumes with the lines not
+  (``batch/store.py``); after a restart or a SIGKILL, a job resumes with the lines not
   recorded yet, so no finished line is lost or repeated.
 - **Cancel and expiry.** A cancel (or the 24 h window passing) stops the job within one line's
   time: in-flight lines are dropped from the batcher's queue, and the job is finished with what
@@ -38,18 +38,18 @@ from typing import Any, BinaryIO
 import orjson
 from pydantic import ValidationError
 
-from emb_model_provider.batch_protocol import (
+from emb_model_provider.batch.protocol import (
     BATCH_ENDPOINT,
     TERMINAL_STATUSES,
     render_error_body,
     render_output_line,
     render_unrun_line,
 )
+from emb_model_provider.batch.service import BatchJobs, new_id, now_s
+from emb_model_provider.batch.store import BatchRecord, BatchStore, FileRecord
 from emb_model_provider.core.errors import ModelNotFound, NotReady, Overloaded, ProviderError
 from emb_model_provider.protocol import EmbeddingRequest
 from emb_model_provider.registry import Registry
-from emb_model_provider.services.batch_store import BatchRecord, BatchStore, FileRecord
-from emb_model_provider.services.batches import BatchJobs, new_id, now_s
 from emb_model_provider.services.embedding_service import EmbeddingService
 
 logger = logging.getLogger(__name__)

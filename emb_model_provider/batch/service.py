@@ -1,5 +1,5 @@
 """The Files and Batch APIs without HTTP: upload, list, read and delete files; create, read,
-list and cancel batches. The work itself is ``services/batch_runner.py``'s.
+list and cancel batches. The work itself is ``batch/runner.py``'s.
 
 Every object belongs to an owner (a stable id of the API key that made it, or ``""`` when the
 API is open), and another owner gets 404 for it, as OpenAI answers for objects of another
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, cast
 
-from emb_model_provider.batch_protocol import (
+from emb_model_provider.batch.protocol import (
     BATCH_ENDPOINT,
     COMPLETION_WINDOW,
     COMPLETION_WINDOW_S,
@@ -41,8 +41,8 @@ from emb_model_provider.batch_protocol import (
     FilePurpose,
     RequestCounts,
 )
+from emb_model_provider.batch.store import BatchRecord, BatchStore, FileRecord
 from emb_model_provider.core.errors import InvalidRequest, ProviderError
-from emb_model_provider.services.batch_store import BatchRecord, BatchStore, FileRecord
 
 logger = logging.getLogger(__name__)
 
