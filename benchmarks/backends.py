@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -74,8 +75,10 @@ def main() -> None:
             f"{cosine.min():.6f} | {cosine.mean():.6f} |"
         )
         encoder.close()
-    print(f"{len(corpus)} inputs, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("\n".join(rows))
+    sys.stdout.write(
+        f"{len(corpus)} inputs, torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
+    )
+    sys.stdout.write("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Sum a py-spy ``--format raw --threads`` profile into where the server's CPU time goes.
 
-    uv run python benchmarks/profile_summary.py benchmarks/results/<run>/profile-bulk.txt [--rate 50]
+    uv run python benchmarks/profile_summary.py \\
+        benchmarks/results/<run>/profile-bulk.txt [--rate 50]
 
 Each sample is put in the first bucket whose marker appears in its stack (leaf-most frame
 first), and counted per thread. py-spy without ``--idle`` keeps only samples of running threads,
