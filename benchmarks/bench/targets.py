@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.otlp_sink import TraceSink
 from bench.paths import BENCH, MODEL_NAME, ROOT, VENVS
 from bench.system import free_port, log
 
@@ -162,6 +163,16 @@ def ensure_infinity(timeout_s: float) -> tuple[str, str]:
     return done.stdout.strip(), ""
 
 
+_SINK: list[TraceSink] = []
+
+
+def _trace_sink() -> TraceSink:
+    """One sink for the run, started when a traced target is asked for."""
+    if not _SINK:
+        _SINK.append(TraceSink())
+    return _SINK[0]
+
+
 def make_targets(names: list[str], install_timeout_s: float) -> list[Target]:
     from emb_model_provider import __version__
 
@@ -201,6 +212,15 @@ def make_targets(names: list[str], install_timeout_s: float) -> list[Target]:
             env={"OMP_WAIT_POLICY": "PASSIVE", "EMB_PROVIDER_CACHE": "off"},
             version=__version__,
         ),
+        # Same server, every request traced (OpenTelemetry, sampled always) and exported over
+        # OTLP/HTTP to a sink in this process (bench/otlp_sink.py): what tracing costs.
+        "ours-traced": Target(
+            "ours-traced",
+            "emb-model-provider, traced (OTLP)",
+            ours_argv,
+            env={"EMB_PROVIDER_CACHE": "off", "OTEL_TRACES_SAMPLER": "always_on"},
+            version=__version__,
+        ),
         "naive": Target("naive", "naive FastAPI + encode()", _naive_argv, ready_paths=("/health",)),
         "infinity": Target(
             "infinity",
@@ -213,6 +233,8 @@ def make_targets(names: list[str], install_timeout_s: float) -> list[Target]:
     targets = []
     for name in names:
         target = known[name]
+        if name == "ours-traced":
+            target.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = _trace_sink().endpoint
         if name == "infinity":
             target.version, target.error = ensure_infinity(install_timeout_s)
             if target.version:
