@@ -39,6 +39,7 @@ from bench.scenarios import (
     Plan,
     run_image,
     run_interleaved,
+    run_multimodal_server,
     run_profile,
     run_raw,
     run_repeat,
@@ -46,7 +47,9 @@ from bench.scenarios import (
 from bench.system import log, machine, versions
 from bench.targets import Server, make_targets
 
-ALL_SCENARIOS = ("raw", "single", "bulk", "chatty", "sweep", "rss", "image", "repeat")
+ALL_SCENARIOS = (
+    "raw", "single", "bulk", "chatty", "sweep", "rss", "image", "repeat", "multimodal",
+)  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,6 +88,12 @@ def parse_args() -> argparse.Namespace:
         "(raw and our targets; the image and repeat scenarios keep their own models)",
     )
     parser.add_argument("--n-inputs", type=int, help="corpus inputs (default 2048, quick 512)")
+    parser.add_argument(
+        "--multimodal-model",
+        type=Path,
+        help="the CLIP/SigLIP directory of the multimodal scenario (default: a CLIP ViT-B/32-"
+        "sized model with random weights, built for the run)",
+    )
     args = parser.parse_args()
     args.scenario_set = {s.strip() for s in args.scenarios.split(",") if s.strip()}
     unknown = args.scenario_set - set(ALL_SCENARIOS)
@@ -195,6 +204,30 @@ def measured_model(model: Path | None, plan: Plan, run_dir: Path) -> tuple[str, 
     return model_dir, str(models_file)
 
 
+def run_multimodal(
+    args: argparse.Namespace, corpus: list[str], plan: Plan, logs: Path
+) -> dict[str, Any]:
+    """Texts and images of one CLIP/SigLIP model: transformers alone, then our server."""
+    with tempfile.TemporaryDirectory(prefix="bench-multimodal-") as tmp:
+        if args.multimodal_model is not None:
+            model_dir = str(args.multimodal_model.resolve())
+        else:
+            from multimodal_model import build
+
+            model_dir = str(build(Path(tmp) / "clip", size="full"))
+        log(f"multimodal: transformers alone on {model_dir}")
+        argv = [
+            sys.executable, str(BENCH / "raw_reference.py"), "multimodal", "--model-dir", model_dir,
+            "--out-dir", tmp, "--corpus", str(CORPUS), "--n-texts", str(min(plan.n_inputs, 512)),
+            "--n-images", str(plan.n_images // 2),
+        ]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=True)
+        raw = json.loads(done.stdout.strip().splitlines()[-1])
+        log("multimodal: our server")
+        server = asyncio.run(run_multimodal_server(model_dir, raw, corpus, logs, plan))
+        return {"raw": raw, "server": server}
+
+
 def guarded(label: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """One optional scenario; its failure is recorded, not raised."""
     try:
@@ -247,6 +280,10 @@ def main() -> int:
         results["raw"] = merge_raw(raw_runs)
     if "image" in scenarios:
         results["image"] = run_images(plan, logs)
+    if "multimodal" in scenarios:
+        results["multimodal"] = guarded(
+            "multimodal", lambda: run_multimodal(args, corpus, plan, logs)
+        )
     if "repeat" in scenarios:
         log(f"repeated queries ({REPEAT_SHARE:.0%} repeats): result cache on vs off")
         results["repeat"] = guarded(

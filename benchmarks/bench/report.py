@@ -132,6 +132,7 @@ def build_table(results: dict[str, Any]) -> str:
         ]
     elif image:
         notes += ["", f"Images: not measured: {image['error']}"]
+    notes += multimodal_table(results.get("multimodal"))
     repeat = results.get("repeat")
     if repeat and "error" not in repeat:
         notes += repeat_table(repeat)
@@ -159,6 +160,32 @@ def repeat_table(repeat: dict[str, Any]) -> list[str]:
             )
         ),
         f"| inputs answered from the cache (measured runs) | — | {_fmt(hit_rate, 1)} % | |",
+    ]
+
+
+def multimodal_table(multimodal: dict[str, Any] | None) -> list[str]:
+    if not multimodal:
+        return []
+    if "error" in multimodal:
+        return ["", f"Multimodal: not measured: {multimodal['error']}"]
+    raw, server = multimodal["raw"], multimodal["server"]
+    images, texts = server["images"]["inputs_per_s"], server["texts"]["inputs_per_s"]
+    rows = [
+        (
+            "images/s (raw: processor + get_image_features, PIL decoded)",
+            raw["images_per_s"],
+            images,
+        ),
+        ("images/s, raw including PNG decode", raw["images_per_s_with_decode"], images),
+        ("texts/s (raw: processor + get_text_features, corpus order)", raw["texts_per_s"], texts),
+        ("texts/s, raw sorted by length", raw["texts_sorted_per_s"], texts),
+    ]
+    return [
+        "",
+        "| multimodal (CLIP ViT-B/32-sized, random weights; requests of 32, 4 clients) "
+        "| raw | ours | ours ÷ raw |",
+        "| --- | --- | --- | --- |",
+        *(f"| {label} | {_fmt(a, 1)} | {_fmt(b, 1)} | {_ratio(b, a)} |" for label, a, b in rows),
     ]
 
 

@@ -188,6 +188,40 @@ async def run_image(model_dir_info: dict[str, Any], logs: Path, plan: Plan) -> d
         server.stop()
 
 
+async def run_multimodal_server(
+    model_dir: str, raw: dict[str, Any], corpus: list[str], logs: Path, plan: Plan
+) -> dict[str, Any]:
+    """A CLIP/SigLIP directory on our server: images (base64 ``{"image": ...}`` objects) and
+    texts, each in requests of 32 from 4 clients, after a warm-up of both."""
+    models_file = logs.parent / "models-multimodal.yaml"
+    models_file.write_text(
+        f"models:\n  - name: bench-multimodal\n    source: {model_dir}\n    modality: multimodal\n"
+    )
+    images: list[Any] = [
+        {"image": base64.b64encode(p.read_bytes()).decode()}
+        for p in sorted(Path(raw["images_dir"]).glob("*.png"))
+    ]
+    texts = corpus[: raw["n_texts"]]
+    target = Target("ours-multimodal", "emb-model-provider (multimodal)", ours_argv)
+    server = Server(target, "", logs, str(models_file))
+    try:
+        load = Load(server.base, "bench-multimodal")
+        out: dict[str, Any] = {}
+        try:
+            await load.chunks(images[:64], 32, 2, 120)
+            await load.chunks(texts[:64], 32, 2, 120)
+            for kind, items in (("images", images), ("texts", texts)):
+                with CpuMeter(server.proc.pid) as meter:
+                    out[kind] = await load.chunks(items, 32, 4, plan.bulk_budget_s)
+                out[kind]["cpu"] = meter.result
+        finally:
+            await load.close()
+        out["loaded_rss_kb"] = tree_rss_kb(server.proc.pid)
+        return out
+    finally:
+        server.stop()
+
+
 def repeated_queries(corpus: list[str], n: int, share: float, hot: int, seed: int) -> list[str]:
     """``n`` one-text queries: ``share`` of them drawn from the first ``hot`` corpus texts, the
     others never seen before (a corpus text with a suffix unique to ``seed`` and place). Seeded:
