@@ -91,7 +91,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     # Extensions (OpenAI clients ignore unknown fields).
-    modality: Literal["text", "image"]
+    modality: Literal["text", "image", "multimodal"]
     dimensions: int | None
     max_input_tokens: int | None
     loaded: bool
