@@ -147,8 +147,8 @@ class MultimodalEncoder:
             except _TooLong as exc:
                 raise ContextLengthExceeded(
                     f"This model's maximum context length is {self.max_text_tokens} tokens, "
-                    f"however input[{text_at[exc.row]}] has {exc.n_tokens} tokens. Please reduce "
-                    "your prompt.",
+                    f"however you requested {exc.n_tokens} tokens ({exc.n_tokens} in your prompt; "
+                    "0 for the completion). Please reduce your prompt; or completion length.",
                     param="input",
                 ) from exc
             for index, item in zip(text_at, items, strict=True):
