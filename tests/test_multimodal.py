@@ -444,3 +444,27 @@ def test_over_long_text_refused_without_truncation(
             client.embeddings.create(model="tiny-clip", input=["fine", LONG_TEXT])
         assert "maximum context length is 77 tokens" in error.value.message
         assert len(client.embeddings.create(model="tiny-clip", input="fine").data) == 1
+
+
+def test_benchmark_model_builder_smoke(tmp_path: Path) -> None:
+    """The benchmark's model hook, at its tiny size: our encoder equals its raw forward."""
+    from benchmarks.multimodal_model import RawForward, build, models_file
+    from emb_model_provider.encoders.base import LoadOptions
+    from emb_model_provider.encoders.clip import load_multimodal_encoder
+
+    folder = build(tmp_path / "clip", size="tiny")
+    assert "modality: multimodal" in models_file(tmp_path / "m.yaml", folder).read_text()
+    encoder = load_multimodal_encoder(
+        str(folder),
+        revision=None,
+        max_input_tokens=None,
+        pooling=None,
+        options=LoadOptions(device="cpu", dtype="float32"),
+    )
+    raw = RawForward(folder)
+    texts, images = ["a photo of a cat", LONG_TEXT], [_png(61), _jpeg_exif_rotated()]
+    ours = encoder.encode(encoder.prepare([*texts, *images], truncate=True))
+    ours /= np.linalg.norm(ours, axis=-1, keepdims=True)
+    expected = np.concatenate([raw.texts(texts), raw.images(images)])
+    _assert_same(ours.astype(np.float64), expected)
+    encoder.close()
