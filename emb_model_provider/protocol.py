@@ -35,7 +35,11 @@ EmbeddingInput = (
     | TokenIds
     | Annotated[list[TokenIds], Field(min_length=1)]
     | Annotated[list[ImageObject], Field(min_length=1)]
+    # Texts and images in any order, for multimodal models (CLIP, SigLIP).
+    | Annotated[list[NonEmptyStr | ImageObject], Field(min_length=1)]
 )
+#: ``input`` as a list: texts, token arrays, image objects, or texts and image objects.
+Inputs = list[str] | list[list[int]] | list[ImageObject] | list[str | ImageObject]
 
 
 class EmbeddingRequest(BaseModel):
@@ -55,14 +59,14 @@ class EmbeddingRequest(BaseModel):
             logger.debug("ignoring unknown request fields: %s", sorted(self.model_extra))
         return self
 
-    def inputs(self) -> list[str] | list[list[int]] | list[ImageObject]:
-        """The input as a list: strings, token arrays, or image objects."""
+    def inputs(self) -> Inputs:
+        """The input as a list: strings, token arrays, image objects, or strings and images."""
         value = self.input
         if isinstance(value, str):
             return [value]
         if value and isinstance(value[0], int):
             return [value]
-        return cast(list[str] | list[list[int]] | list[ImageObject], value)
+        return cast(Inputs, value)
 
 
 class Usage(BaseModel):
@@ -91,7 +95,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     # Extensions (OpenAI clients ignore unknown fields).
-    modality: Literal["text", "image"]
+    modality: Literal["text", "image", "multimodal"]
     dimensions: int | None
     max_input_tokens: int | None
     loaded: bool

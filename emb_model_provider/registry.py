@@ -1,6 +1,7 @@
 """The model table: name or alias -> ``ModelSpec`` (source, revision, modality, limits).
 
-Built-in entries cover the bundled all-MiniLM-L6-v2 and all-MiniLM-L12-v2; a YAML models file adds
+Built-in entries cover the bundled all-MiniLM-L6-v2 and all-MiniLM-L12-v2, DINOv3, CLIP ViT-B/32
+and SigLIP 2 base; a YAML models file adds
 or overrides entries. Which encoder family serves a spec is decided here and only here
 (``ENCODER_LOADERS``); the loaders are named as import paths so that importing the registry does
 not import torch (services and routes use the registry and must stay free of torch).
@@ -23,7 +24,7 @@ from emb_model_provider.core.errors import ConfigError, ModelNotFound
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, SourceError
 
-Modality = Literal["text", "image"]
+Modality = Literal["text", "image", "multimodal"]
 Pooling = Literal["mean", "cls", "max"]
 DType = Literal["float32", "float16", "bfloat16"]
 
@@ -100,12 +101,33 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
         owned_by="sentence-transformers",
     ),
     *_dinov3_specs(),
+    # Texts and images in one space (text-to-image search); texts are limited to the positions
+    # the text tower was trained with.
+    ModelSpec(
+        name="clip-vit-base-patch32",
+        aliases=("openai/clip-vit-base-patch32",),
+        source="openai/clip-vit-base-patch32",
+        modality="multimodal",
+        dimensions=512,
+        max_input_tokens=77,
+        owned_by="openai",
+    ),
+    ModelSpec(
+        name="siglip2-base-patch16-224",
+        aliases=("google/siglip2-base-patch16-224",),
+        source="google/siglip2-base-patch16-224",
+        modality="multimodal",
+        dimensions=768,
+        max_input_tokens=64,
+        owned_by="google",
+    ),
 )
 
 #: modality -> "module:function" building an encoder from (spec, local directory, options).
 ENCODER_LOADERS: dict[Modality, str] = {
     "text": "emb_model_provider.encoders.text:load_text_encoder",
     "image": "emb_model_provider.encoders.image:load_image_encoder",
+    "multimodal": "emb_model_provider.encoders.clip:load_multimodal_encoder",
 }
 
 

@@ -32,6 +32,7 @@ from emb_model_provider.main import create_app
 from emb_model_provider.security.keys import hash_key
 from tests.live import live_server, test_settings
 from tests.tiny_models import tiny_dinov3_vit
+from tests.tiny_multimodal import tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 API_DOC = ROOT / "docs" / "api.md"
@@ -217,6 +218,7 @@ def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (a tiny random DINOv3 standing in for the gated one)."""
     root = tmp_path_factory.mktemp("docs-models")
     vit = tiny_dinov3_vit(root / "vit")
+    clip = tiny_clip(root / "clip")
     models = root / "models.yaml"
     models.write_text(
         "models:\n"
@@ -225,7 +227,14 @@ def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "    modality: image\n"
         "    dimensions: 32\n"
         "    max_input_tokens: 201\n"
-        "    owned_by: facebook\n",
+        "    owned_by: facebook\n"
+        # A tiny random CLIP standing in for the built-in entry of the same name (on the hub).
+        "  - name: clip-vit-base-patch32\n"
+        f"    source: {clip}\n"
+        "    modality: multimodal\n"
+        "    dimensions: 16\n"
+        "    max_input_tokens: 77\n"
+        "    owned_by: openai\n",
         encoding="utf-8",
     )
     settings = test_settings(

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from emb_model_provider.bulk.records import InputKind, Record
+from emb_model_provider.bulk.records import ModelKind, Record
 from emb_model_provider.core.vectors import Vectors
 
 
@@ -31,7 +31,7 @@ class ChunkResult:
 class Embedder(Protocol):
     #: The model's canonical name (written to the output's metadata).
     model: str
-    kind: InputKind
+    kind: ModelKind
     #: Length of the vectors (``--dimensions`` when given).
     dimensions: int
 

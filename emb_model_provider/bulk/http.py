@@ -24,10 +24,12 @@ import numpy as np
 from PIL import Image
 
 from emb_model_provider.bulk.base import BulkError, ChunkResult, empty_vectors
-from emb_model_provider.bulk.records import InputKind, Record
+from emb_model_provider.bulk.records import ModelKind, Record
 from emb_model_provider.core.vectors import Vectors
 
 _RETRIES = 6
+#: One input on the wire: a text, an image reference, or ``{"image": ...}`` (multimodal models).
+WireInput = str | dict[str, str]
 _MAX_BACKOFF_S = 30.0
 
 
@@ -67,7 +69,7 @@ class HttpEmbedder:
         info = self._model_info(model)
         self.model = str(info.get("id") or model)
         modality = info.get("modality", "text")
-        self.kind: InputKind = "image" if modality == "image" else "text"
+        self.kind: ModelKind = modality if modality in ("image", "multimodal") else "text"
         native = info.get("dimensions")
         if dimensions is not None and isinstance(native, int) and not 1 <= dimensions <= native:
             raise BulkError(
@@ -108,16 +110,20 @@ class HttpEmbedder:
 
     def embed(self, records: Sequence[Record]) -> ChunkResult:
         errors: dict[int, str] = {}
-        values: dict[int, str] = {}
+        values: dict[int, WireInput] = {}
         for index, record in enumerate(records):
             if record.error is not None:
                 errors[index] = record.error
-            elif record.kind != self.kind:
+            elif self.kind not in (record.kind, "multimodal"):
                 errors[index] = f"a {record.kind} input, but the model takes {self.kind}"
+            elif record.kind == "text":
+                values[index] = record.value
             else:
-                value = self._wire_value(record.value) if self.kind == "image" else record.value
+                value = self._wire_value(record.value)
                 if isinstance(value, _Refused):
                     errors[index] = value.message
+                elif self.kind == "multimodal":  # a plain URL string would be text
+                    values[index] = {"image": value}
                 else:
                     values[index] = value
         indices = sorted(values)
@@ -162,7 +168,7 @@ class HttpEmbedder:
         return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
     def _send_isolating(
-        self, group: list[int], values: dict[int, str]
+        self, group: list[int], values: dict[int, WireInput]
     ) -> tuple[dict[int, Vectors], int, dict[int, str]]:
         """Embed ``group``; on a 400, halve it until each bad input is alone."""
         try:
@@ -176,7 +182,7 @@ class HttpEmbedder:
         right = self._send_isolating(group[middle:], values)
         return {**left[0], **right[0]}, left[1] + right[1], {**left[2], **right[2]}
 
-    def _send(self, inputs: list[str]) -> tuple[list[Vectors], int]:
+    def _send(self, inputs: Sequence[WireInput]) -> tuple[list[Vectors], int]:
         body: dict[str, Any] = {"model": self.model, "input": inputs, "encoding_format": "base64"}
         if self._dimensions is not None:
             body["dimensions"] = self._dimensions

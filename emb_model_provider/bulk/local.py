@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from emb_model_provider.bulk.base import BulkError, ChunkResult, empty_vectors, unit_prefix
-from emb_model_provider.bulk.records import InputKind, Record
+from emb_model_provider.bulk.records import ModelKind, Record
 from emb_model_provider.core.config import Settings
 from emb_model_provider.core.errors import BadInput, ConfigError, InvalidRequest, ProviderError
 from emb_model_provider.encoders.base import Encoder, LoadOptions, PreparedInput, Vectors
@@ -122,7 +122,7 @@ class LocalEmbedder:
                 f"ask for 1 to {native}"
             )
         self.model = self._spec.name
-        self.kind: InputKind = self._spec.modality
+        self.kind: ModelKind = self._spec.modality
         self.dimensions = config.dimensions or native
         self.placement = self._encoder.placement
         self._policy = FetchPolicy(
@@ -140,12 +140,18 @@ class LocalEmbedder:
         for index, record in enumerate(records):
             if record.error is not None:
                 errors[index] = record.error
-            elif record.kind != self.kind:
+            elif self.kind not in (record.kind, "multimodal"):
                 errors[index] = f"a {record.kind} input, but the model takes {self.kind}"
             else:
                 data[index] = record.value
-        if self.kind == "image":
-            data = self._image_bytes(data, errors)
+        images = {index: value for index, value in data.items() if records[index].kind == "image"}
+        if images:
+            loaded = self._image_bytes(images, errors)
+            data = {
+                index: loaded[index] if index in images else value
+                for index, value in data.items()
+                if index not in images or index in loaded
+            }
         prepared = self._prepare(data, errors)
         vectors = self._encode(prepared)
         kept = sorted(prepared)

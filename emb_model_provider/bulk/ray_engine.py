@@ -42,7 +42,13 @@ from emb_model_provider.bulk.job import Summary, check_output, chunks
 from emb_model_provider.bulk.local import LocalConfig, LocalEmbedder
 from emb_model_provider.bulk.parts import Parts, output_format
 from emb_model_provider.bulk.progress import Progress
-from emb_model_provider.bulk.records import InputSpec, Record, count_records, read_records
+from emb_model_provider.bulk.records import (
+    InputKind,
+    InputSpec,
+    Record,
+    count_records,
+    read_records,
+)
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -75,7 +81,7 @@ class EncoderActor:
             else [str(row) for row in range(count)]
         )
         errors = batch[self._error_column] if self._error_column else [None] * count
-        kind = self._embedder.kind
+        kind: InputKind = "image" if self._embedder.kind == "image" else "text"
         # Positions as ids inside the batch, so that duplicate user ids still map back.
         records = [
             Record(str(row), "", kind, str(errors[row]))
@@ -163,6 +169,12 @@ def run_ray_job(
     started = time.monotonic()
     check_output(output, overwrite=overwrite)
     model_spec = config.spec()
+    if model_spec.modality == "multimodal":
+        # Staged rows keep a value, not its kind, and a multimodal model takes both.
+        raise BulkError(
+            f"{model_spec.name} takes texts and images: embed it with the in-process engine "
+            "or --url, not --engine ray"
+        )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from a batch job
     import ray
     import ray.data

@@ -9,6 +9,9 @@ records so that they reach the errors file with their ids and the rest goes on.
   image paths are relative to the file's folder.
 - ``.csv`` / ``.parquet``: the ``column`` named; the id is ``id_column`` or the row number (from 0).
 - a directory: image files found recursively by extension, sorted; the id is the relative path.
+
+A multimodal model (CLIP, SigLIP) takes both: a directory gives images, ``.txt``, ``.csv`` and
+``.parquet`` give texts, and each ``.jsonl`` line whichever of ``"image"`` and ``"text"`` it has.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 from typing import Literal, cast
 
 InputKind = Literal["text", "image"]
+#: A model's modality: the kinds of input it takes.
+ModelKind = Literal["text", "image", "multimodal"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 FORMATS = ("txt", "jsonl", "csv", "parquet", "dir")
@@ -109,18 +114,19 @@ def input_spec(
     return InputSpec(path, chosen, column, id_column)
 
 
-def read_records(spec: InputSpec, kind: InputKind) -> Iterator[Record]:
+def read_records(spec: InputSpec, kind: ModelKind) -> Iterator[Record]:
     """Every input in order; ``kind`` is the model's modality (how plain values are taken)."""
+    plain: InputKind = "text" if kind == "multimodal" else kind
     if spec.format == "txt":
-        yield from _txt(spec.path, kind)
+        yield from _txt(spec.path, plain)
     elif spec.format == "jsonl":
         yield from _jsonl(spec.path, kind)
     elif spec.format == "csv":
-        yield from _csv(spec, kind)
+        yield from _csv(spec, plain)
     elif spec.format == "parquet":
-        yield from _parquet(spec, kind)
+        yield from _parquet(spec, plain)
     else:
-        yield from _directory(spec.path, kind)
+        yield from _directory(spec.path, "image" if kind == "multimodal" else kind)
 
 
 def count_records(spec: InputSpec) -> int:
@@ -162,11 +168,11 @@ def _txt(path: Path, kind: InputKind) -> Iterator[Record]:
             yield _value(line.rstrip("\r\n"), kind, str(number), path.parent)
 
 
-def _jsonl(path: Path, kind: InputKind) -> Iterator[Record]:
-    other = "image" if kind == "text" else "text"
+def _jsonl(path: Path, model_kind: ModelKind) -> Iterator[Record]:
     with path.open(encoding="utf-8", errors="replace") as file:
         for number, line in enumerate(file, start=1):
             fallback = f"line {number}"
+            kind: InputKind = "text" if model_kind == "multimodal" else model_kind
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -180,6 +186,12 @@ def _jsonl(path: Path, kind: InputKind) -> Iterator[Record]:
                 yield Record(fallback, "", kind, 'no "id" (a string or a number)')
                 continue
             id_ = str(raw_id)
+            if model_kind == "multimodal" and "image" in item:
+                kind = "image"
+            other = "image" if kind == "text" else "text"
+            if model_kind == "multimodal" and kind not in item:
+                yield Record(id_, "", kind, 'no "text" or "image" field')
+                continue
             if kind not in item:
                 reason = (
                     f'has "{other}" but the model takes {kind}s'

@@ -41,7 +41,7 @@ class LoadOptions:
 
 
 class Encoder(Protocol):
-    modality: Literal["text", "image"]
+    modality: Literal["text", "image", "multimodal"]
     #: Length of the vectors ``encode`` returns.
     dimensions: int
     #: Longest input, in tokens, the model takes (text: sentence-transformers ``max_seq_length``).

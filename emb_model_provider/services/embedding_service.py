@@ -14,7 +14,7 @@ import numpy as np
 from emb_model_provider.core import model_thread
 from emb_model_provider.core.errors import BadInput, ContextLengthExceeded, InvalidRequest
 from emb_model_provider.encoders.base import Encoder, PreparedInput, Vectors
-from emb_model_provider.protocol import EmbeddingRequest, ImageObject, render_embeddings
+from emb_model_provider.protocol import EmbeddingRequest, ImageObject, Inputs, render_embeddings
 from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.cache import CachedVector, ResultCache
 from emb_model_provider.services.image_inputs import ImageLoader
@@ -79,6 +79,8 @@ class EmbeddingService:
             data: Sequence[str | bytes] = await self._images.load(
                 values, [f"input[{index}]" for index in range(len(values))]
             )
+        elif spec.modality == "multimodal":
+            data = await self._texts_and_images(inputs)
         else:
             data = await self._texts(spec, inputs)
         result = await self.embed(
@@ -102,7 +104,7 @@ class EmbeddingService:
         """For the batch-first image API: images as URLs, data URIs, base64 or uploaded bytes,
         named by label in errors. ``normalize=False`` returns the raw pooled vectors."""
         spec = self._models.registry.get(model)
-        if spec.modality != "image":
+        if spec.modality not in ("image", "multimodal"):
             raise InvalidRequest(
                 f"The model `{spec.name}` takes {spec.modality} inputs, not images.", param="model"
             )
@@ -178,10 +180,65 @@ class EmbeddingService:
     async def _prepare(self, encoder: Encoder, data: Sequence[str | bytes]) -> list[PreparedInput]:
         """Tokenise (a thread of the pool: tokenizers is Rust, no torch) or decode and preprocess
         images (the model thread: the image processors run torch kernels, see
-        ``core/model_thread.py``)."""
+        ``core/model_thread.py``); a multimodal model's texts and images each their way."""
+        if encoder.modality == "multimodal":
+            return await self._prepare_mixed(encoder, data)
         if encoder.modality == "image":
             return await model_thread.run(encoder.prepare, data, truncate=self._limits.truncate)
         return await asyncio.to_thread(encoder.prepare, data, truncate=self._limits.truncate)
+
+    async def _prepare_mixed(
+        self, encoder: Encoder, data: Sequence[str | bytes]
+    ) -> list[PreparedInput]:
+        text_at = [index for index, value in enumerate(data) if isinstance(value, str)]
+        image_at = [index for index, value in enumerate(data) if isinstance(value, bytes)]
+
+        async def part(indices: list[int], on_model_thread: bool) -> list[PreparedInput]:
+            if not indices:
+                return []
+            subset = [data[index] for index in indices]
+            truncate = self._limits.truncate
+            try:
+                if on_model_thread:
+                    return await model_thread.run(encoder.prepare, subset, truncate=truncate)
+                return await asyncio.to_thread(encoder.prepare, subset, truncate=truncate)
+            except BadInput as exc:  # name the input by its place in the request
+                raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
+
+        texts, images = await asyncio.gather(
+            part(text_at, on_model_thread=False), part(image_at, on_model_thread=True)
+        )
+        prepared: list[PreparedInput | None] = [None] * len(data)
+        for indices, items in ((text_at, texts), (image_at, images)):
+            for index, item in zip(indices, items, strict=True):
+                prepared[index] = item
+        return [item for item in prepared if item is not None]
+
+    async def _texts_and_images(self, inputs: Inputs) -> list[str | bytes]:
+        """A multimodal request's inputs in order: strings are texts (an http(s) URL too: a
+        caption may be a URL, so only ``{"image": ...}`` objects and ``data:image/`` strings are
+        images), image objects are loaded as for image models, token arrays are decoded."""
+        if inputs and not isinstance(inputs[0], (str, ImageObject)):
+            return list(await self._texts_from_tokens(inputs))
+        items = cast(list[str | ImageObject], inputs)
+        image_at: list[int] = []
+        image_values: list[str] = []
+        data: list[str | bytes] = []
+        for index, item in enumerate(items):
+            if isinstance(item, ImageObject):
+                image_at.append(index)
+                image_values.append(item.image)
+            elif item.lstrip().lower().startswith("data:image/"):
+                image_at.append(index)
+                image_values.append(item)
+            data.append(item if isinstance(item, str) else "")
+        if image_at:
+            loaded = await self._images.load(
+                image_values, [f"input[{index}]" for index in image_at]
+            )
+            for index, value in zip(image_at, loaded, strict=True):
+                data[index] = value
+        return data
 
     def _check_count(self, count: int) -> None:
         if count > self._limits.max_inputs_per_request:
@@ -191,17 +248,18 @@ class EmbeddingService:
                 param="input",
             )
 
-    async def _texts(
-        self, spec: ModelSpec, inputs: list[str] | list[list[int]] | list[ImageObject]
-    ) -> list[str]:
-        if inputs and isinstance(inputs[0], ImageObject):
+    async def _texts(self, spec: ModelSpec, inputs: Inputs) -> list[str]:
+        if any(isinstance(item, ImageObject) for item in inputs):
             raise _wrong_modality(spec, "images")
         if not inputs or isinstance(inputs[0], str):
             texts = cast(list[str], inputs)
             if any(text.startswith("data:image/") for text in texts):
                 raise _wrong_modality(spec, "images")
             return texts
-        arrays = cast(list[list[int]], inputs)
+        return await self._texts_from_tokens(cast(list[list[int]], inputs))
+
+    @staticmethod
+    async def _texts_from_tokens(arrays: list[list[int]]) -> list[str]:
         if sum(len(tokens) for tokens in arrays) <= _INLINE_DECODE_TOKENS:
             return decode_token_arrays(arrays)
         return await asyncio.to_thread(decode_token_arrays, arrays)
@@ -257,17 +315,17 @@ def _wrong_modality(
     )
 
 
-def _image_values(
-    spec: ModelSpec, inputs: list[str] | list[list[int]] | list[ImageObject]
-) -> list[str]:
-    if inputs and isinstance(inputs[0], ImageObject):
-        # Objects may also carry bare base64.
-        return [item.image for item in inputs]
-    if inputs and not isinstance(inputs[0], str):
+def _image_values(spec: ModelSpec, inputs: Inputs) -> list[str]:
+    if inputs and not isinstance(inputs[0], (str, ImageObject)):
         raise _wrong_modality(spec, "token arrays")
-    values = cast(list[str], inputs)
-    if not all(value.lstrip().lower().startswith(_IMAGE_SCHEMES) for value in values):
-        raise _wrong_modality(spec, "text")
+    values: list[str] = []
+    for item in cast(list[str | ImageObject], inputs):
+        if isinstance(item, ImageObject):
+            values.append(item.image)  # objects may also carry bare base64
+        elif item.lstrip().lower().startswith(_IMAGE_SCHEMES):
+            values.append(item)
+        else:
+            raise _wrong_modality(spec, "text")
     return values
 
 

@@ -231,6 +231,13 @@
     const names = models.cards.map((card) => card.id);
     if (names.includes(previous)) select.value = previous;
     else if (names.includes(models.defaultModel)) select.value = models.defaultModel;
+    showModelHint();
+  }
+
+  // Multimodal models (CLIP, SigLIP) take texts and images in one space: say what that gives.
+  function showModelHint() {
+    const card = models.cards.find((item) => item.id === $("model-select").value);
+    $("multimodal-hint").hidden = !card || card.modality !== "multimodal";
   }
 
   async function lifecycle(button) {
@@ -309,8 +316,13 @@
       .map((line) => line.replace(/\r$/, ""))
       .filter((line) => line.trim() !== "");
     return [
-      ...texts.map((text) => ({ label: text, input: text })),
-      ...images.map((image) => ({ label: `image: ${image.name}`, input: image.dataUrl })),
+      ...texts.map((text) => ({ kind: "text", label: text, input: text })),
+      ...images.map((image) => ({
+        kind: "image",
+        label: `image: ${image.name}`,
+        name: image.name,
+        input: image.dataUrl,
+      })),
     ];
   }
 
@@ -449,7 +461,45 @@
     });
     query.value = "0";
     renderNeighbours();
+    renderSearch(items, matrix);
     $("result").hidden = false;
+  }
+
+  // Text-to-image search: for each text of the request, its images, most similar first. Only a
+  // multimodal model answers a request with both, so only its results show this.
+  function renderSearch(items, matrix) {
+    const region = $("search-results");
+    region.replaceChildren();
+    const entries = items.map((item, index) => ({ item, index }));
+    const queries = entries.filter((entry) => entry.item.kind === "text");
+    const pictures = entries.filter((entry) => entry.item.kind === "image");
+    $("search").hidden = queries.length === 0 || pictures.length === 0;
+    for (const query of queries) {
+      const ranked = pictures
+        .map((entry) => ({ ...entry, value: matrix[query.index][entry.index] }))
+        .sort((a, b) => b.value - a.value);
+      const headingId = `search-query-${query.index}`;
+      const list = el("ol", { class: "ranked", "aria-labelledby": headingId });
+      for (const entry of ranked) {
+        list.append(
+          el(
+            "li",
+            { dataset: { index: entry.index, value: String(entry.value) } },
+            el("img", { src: entry.item.input, alt: "" }),
+            el("span", { class: "ranked-name", title: entry.item.name, text: entry.item.name }),
+            el("span", { class: "neighbour-value", text: entry.value.toFixed(3) }),
+          ),
+        );
+      }
+      region.append(
+        el(
+          "section",
+          { class: "search-query", dataset: { query: query.index } },
+          el("h4", { id: headingId, text: query.item.label }),
+          list,
+        ),
+      );
+    }
   }
 
   function renderNeighbours() {
@@ -687,6 +737,7 @@
       showError($("embed-error"), null);
       $("texts").focus();
     });
+    $("model-select").addEventListener("change", showModelHint);
     $("query-select").addEventListener("change", renderNeighbours);
 
     const zone = $("drop-zone");
