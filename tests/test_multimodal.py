@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import json
@@ -22,6 +23,9 @@ import torch
 from qdrant_client import QdrantClient, models
 from transformers import AutoModel, AutoProcessor
 
+from emb_model_provider.core import model_thread
+from emb_model_provider.encoders.base import PreparedInput
+from emb_model_provider.services.embedding_service import EmbeddingService, RequestLimits
 from tests.live import live_server, test_settings
 from tests.test_image_embeddings import (
     _decoded,
@@ -468,3 +472,30 @@ def test_benchmark_model_builder_smoke(tmp_path: Path) -> None:
     expected = np.concatenate([raw.texts(texts), raw.images(images)])
     _assert_same(ours.astype(np.float64), expected)
     encoder.close()
+
+
+class _KindRecorder:
+    """A multimodal encoder whose ``prepare`` notes, per kind of input, the thread it ran on."""
+
+    modality = "multimodal"
+
+    def __init__(self) -> None:
+        self.threads: dict[str, set[int]] = {"text": set(), "image": set()}
+
+    def prepare(self, inputs: list[str | bytes], *, truncate: bool) -> list[PreparedInput]:
+        for value in inputs:
+            kind = "text" if isinstance(value, str) else "image"
+            self.threads[kind].add(threading.get_ident())
+        return [PreparedInput(payload=value, n_tokens=len(value)) for value in inputs]
+
+
+def test_mixed_inputs_prepare_images_on_the_model_thread_and_texts_off_it() -> None:
+    limits = RequestLimits(max_inputs_per_request=8, max_tokens_per_request=1024, truncate=True)
+    service = EmbeddingService(None, limits, None)  # type: ignore[arg-type]  # only _prepare runs
+    encoder = _KindRecorder()
+    data: list[str | bytes] = ["one", b"png", "three", b"jpeg!"]
+    prepared = asyncio.run(service._prepare(encoder, data))  # type: ignore[arg-type]
+    assert [item.payload for item in prepared] == data  # input order kept
+    model = model_thread.call(threading.get_ident)
+    assert encoder.threads["image"] == {model}
+    assert encoder.threads["text"] and model not in encoder.threads["text"]
