@@ -438,16 +438,19 @@ def test_over_long_text_refused_without_truncation(
     folders: dict[str, Path], tmp_path: Path
 ) -> None:
     models = tmp_path / "models.yaml"
-    models.write_text(
-        f"models:\n  - name: tiny-clip\n    source: {folders['clip']}\n    modality: multimodal\n",
-        encoding="utf-8",
-    )
+    lines = ["models:"]
+    for family in ("clip", "siglip2"):
+        lines += [f"  - name: tiny-{family}", f"    source: {folders[family]}"]
+        lines += ["    modality: multimodal"]
+    models.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with live_server(test_settings(models_file=models, truncate=False)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
-        with pytest.raises(openai.BadRequestError) as error:
-            client.embeddings.create(model="tiny-clip", input=["fine", LONG_TEXT])
-        assert "maximum context length is 77 tokens" in error.value.message
-        assert len(client.embeddings.create(model="tiny-clip", input="fine").data) == 1
+        for family, limit in (("clip", 77), ("siglip2", 64)):
+            with pytest.raises(openai.BadRequestError) as error:
+                client.embeddings.create(model=f"tiny-{family}", input=["fine", LONG_TEXT])
+            assert f"maximum context length is {limit} tokens" in error.value.message
+            assert error.value.code == "context_length_exceeded"
+            assert len(client.embeddings.create(model=f"tiny-{family}", input="fine").data) == 1
 
 
 def test_benchmark_model_builder_smoke(tmp_path: Path) -> None:
