@@ -27,6 +27,7 @@ from emb_model_provider.core import model_thread
 from emb_model_provider.encoders.base import PreparedInput
 from emb_model_provider.services.embedding_service import EmbeddingService, RequestLimits
 from tests.live import live_server, test_settings
+from tests.test_cache import cache_status
 from tests.test_image_embeddings import (
     _decoded,
     _encode,
@@ -233,6 +234,7 @@ def test_images_match_transformers(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_request_keeps_input_order(
     client: openai.OpenAI,
+    server_url: str,
     references: dict[str, Reference],
     image_host: tuple[str, dict[str, bytes]],
     family: str,
@@ -254,9 +256,11 @@ def test_mixed_request_keeps_input_order(
     tokens += reference.image_tokens([png, jpeg, files["/cat.png"]])
     assert response.usage.prompt_tokens == tokens
     # Again: the result cache answers every input, in the same order and with the same usage.
+    before = cache_status(server_url)["hits"]
     again = client.embeddings.create(model=f"tiny-{family}", input=_sdk(inputs))
     _assert_same(_vectors(again), expected)
     assert again.usage.prompt_tokens == tokens
+    assert cache_status(server_url)["hits"] == before + len(inputs)  # type: ignore[operator]
 
 
 def test_dimensions_are_renormalised_prefixes(
@@ -502,3 +506,12 @@ def test_mixed_inputs_prepare_images_on_the_model_thread_and_texts_off_it() -> N
     model = model_thread.call(threading.get_ident)
     assert encoder.threads["image"] == {model}
     assert encoder.threads["text"] and model not in encoder.threads["text"]
+
+
+def test_token_arrays_are_decoded_to_text(
+    client: openai.OpenAI, references: dict[str, Reference]
+) -> None:
+    """As for text models: cl100k_base ids (LangChain's default) are decoded and embedded as the
+    text they stand for ("The quick brown fox")."""
+    response = client.embeddings.create(model="tiny-siglip", input=[[791, 4062, 14198, 39935]])
+    _assert_same(_vectors(response), references["siglip"].texts(["The quick brown fox"]))
