@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import json
@@ -22,7 +23,11 @@ import torch
 from qdrant_client import QdrantClient, models
 from transformers import AutoModel, AutoProcessor
 
+from emb_model_provider.core import model_thread
+from emb_model_provider.encoders.base import PreparedInput
+from emb_model_provider.services.embedding_service import EmbeddingService, RequestLimits
 from tests.live import live_server, test_settings
+from tests.test_cache import cache_status
 from tests.test_image_embeddings import (
     _decoded,
     _encode,
@@ -229,6 +234,7 @@ def test_images_match_transformers(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_request_keeps_input_order(
     client: openai.OpenAI,
+    server_url: str,
     references: dict[str, Reference],
     image_host: tuple[str, dict[str, bytes]],
     family: str,
@@ -250,9 +256,11 @@ def test_mixed_request_keeps_input_order(
     tokens += reference.image_tokens([png, jpeg, files["/cat.png"]])
     assert response.usage.prompt_tokens == tokens
     # Again: the result cache answers every input, in the same order and with the same usage.
+    before = cache_status(server_url)["hits"]
     again = client.embeddings.create(model=f"tiny-{family}", input=_sdk(inputs))
     _assert_same(_vectors(again), expected)
     assert again.usage.prompt_tokens == tokens
+    assert cache_status(server_url)["hits"] == before + len(inputs)  # type: ignore[operator]
 
 
 def test_dimensions_are_renormalised_prefixes(
@@ -434,16 +442,19 @@ def test_over_long_text_refused_without_truncation(
     folders: dict[str, Path], tmp_path: Path
 ) -> None:
     models = tmp_path / "models.yaml"
-    models.write_text(
-        f"models:\n  - name: tiny-clip\n    source: {folders['clip']}\n    modality: multimodal\n",
-        encoding="utf-8",
-    )
+    lines = ["models:"]
+    for family in ("clip", "siglip2"):
+        lines += [f"  - name: tiny-{family}", f"    source: {folders[family]}"]
+        lines += ["    modality: multimodal"]
+    models.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with live_server(test_settings(models_file=models, truncate=False)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
-        with pytest.raises(openai.BadRequestError) as error:
-            client.embeddings.create(model="tiny-clip", input=["fine", LONG_TEXT])
-        assert "maximum context length is 77 tokens" in error.value.message
-        assert len(client.embeddings.create(model="tiny-clip", input="fine").data) == 1
+        for family, limit in (("clip", 77), ("siglip2", 64)):
+            with pytest.raises(openai.BadRequestError) as error:
+                client.embeddings.create(model=f"tiny-{family}", input=["fine", LONG_TEXT])
+            assert f"maximum context length is {limit} tokens" in error.value.message
+            assert error.value.code == "context_length_exceeded"
+            assert len(client.embeddings.create(model=f"tiny-{family}", input="fine").data) == 1
 
 
 def test_benchmark_model_builder_smoke(tmp_path: Path) -> None:
@@ -468,3 +479,39 @@ def test_benchmark_model_builder_smoke(tmp_path: Path) -> None:
     expected = np.concatenate([raw.texts(texts), raw.images(images)])
     _assert_same(ours.astype(np.float64), expected)
     encoder.close()
+
+
+class _KindRecorder:
+    """A multimodal encoder whose ``prepare`` notes, per kind of input, the thread it ran on."""
+
+    modality = "multimodal"
+
+    def __init__(self) -> None:
+        self.threads: dict[str, set[int]] = {"text": set(), "image": set()}
+
+    def prepare(self, inputs: list[str | bytes], *, truncate: bool) -> list[PreparedInput]:
+        for value in inputs:
+            kind = "text" if isinstance(value, str) else "image"
+            self.threads[kind].add(threading.get_ident())
+        return [PreparedInput(payload=value, n_tokens=len(value)) for value in inputs]
+
+
+def test_mixed_inputs_prepare_images_on_the_model_thread_and_texts_off_it() -> None:
+    limits = RequestLimits(max_inputs_per_request=8, max_tokens_per_request=1024, truncate=True)
+    service = EmbeddingService(None, limits, None)  # type: ignore[arg-type]  # only _prepare runs
+    encoder = _KindRecorder()
+    data: list[str | bytes] = ["one", b"png", "three", b"jpeg!"]
+    prepared = asyncio.run(service._prepare(encoder, data))  # type: ignore[arg-type]
+    assert [item.payload for item in prepared] == data  # input order kept
+    model = model_thread.call(threading.get_ident)
+    assert encoder.threads["image"] == {model}
+    assert encoder.threads["text"] and model not in encoder.threads["text"]
+
+
+def test_token_arrays_are_decoded_to_text(
+    client: openai.OpenAI, references: dict[str, Reference]
+) -> None:
+    """As for text models: cl100k_base ids (LangChain's default) are decoded and embedded as the
+    text they stand for ("The quick brown fox")."""
+    response = client.embeddings.create(model="tiny-siglip", input=[[791, 4062, 14198, 39935]])
+    _assert_same(_vectors(response), references["siglip"].texts(["The quick brown fox"]))

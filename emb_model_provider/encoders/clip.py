@@ -167,9 +167,11 @@ class MultimodalEncoder:
         return [item for item in prepared if item is not None]
 
     def _texts(self, texts: list[str], *, truncate: bool) -> list[PreparedInput]:
+        # Lists, not tensors: without truncation an over-long text is longer than the others
+        # (and refused below, naming its length).
         kwargs: dict[str, object] = {"truncation": truncate, "max_length": self.max_text_tokens}
         if self._fixed_text_length:
-            kwargs.update(padding="max_length", return_tensors="np")
+            kwargs.update(padding="max_length")
         else:  # rows of their own lengths, padded per batch in ``encode``
             kwargs.update(padding=False)
         with self._text_lock:
@@ -233,9 +235,13 @@ class MultimodalEncoder:
         return out
 
     def _text_forward(self, texts: Sequence[TextPayload]) -> Vectors:
-        longest = max(next(iter(item.arrays.values())).shape[0] for item in texts)
+        lengths = {item.arrays["input_ids"].shape[0] for item in texts}
+        longest = max(lengths)
         columns: dict[str, npt.NDArray[np.int64]] = {}
         for name in texts[0].arrays:
+            if len(lengths) == 1:  # SigLIP's fixed length, or texts of one length: no padding
+                columns[name] = np.stack([item.arrays[name] for item in texts])
+                continue
             fill = self._pad_token_id if name == "input_ids" else 0
             column = np.full((len(texts), longest), fill, dtype=np.int64)
             for row, item in enumerate(texts):
