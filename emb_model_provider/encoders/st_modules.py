@@ -120,7 +120,7 @@ def read_sentence_config(model_dir: Path) -> SentenceConfig:
         path = model_dir / str(module.get("path", ""))
         if not type_path.startswith("sentence_transformers.") or kind not in _MODULES:
             raise SourceError(
-                f"sentence-transformers module {type_path or module!r} is not supported "
+                f"sentence-transformers module {type_path or json.dumps(module)} is not supported "
                 f"(supported: {', '.join(_MODULES)})"
             )
         if kind == "Transformer":
