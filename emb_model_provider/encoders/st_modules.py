@@ -84,6 +84,8 @@ class SentenceConfig:
     do_lower_case: bool = False
     pooling: PoolingConfig | None = None
     dense: tuple[DenseConfig, ...] = ()
+    #: The model ends with Normalize. The encoder leaves it to the service, which normalises
+    #: unless the models file says ``normalize: false`` (then the vectors before Normalize).
     normalize: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
@@ -133,6 +135,8 @@ def read_sentence_config(model_dir: Path) -> SentenceConfig:
                 _check_text_modality(config, config_file)
         elif kind == "Pooling":
             pooling = pooling_config(_read_json(path / "config.json"))
+        elif normalize:
+            raise SourceError(f"sentence-transformers module {type_path} after Normalize")
         elif kind == "Dense":
             dense.append(_dense_config(path))
         else:

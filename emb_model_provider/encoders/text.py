@@ -19,8 +19,8 @@ Two forwards, chosen per model at load and named by ``backend``:
 
 Padding is always on the right inside the server; for decoders that pad on the left (Qwen) the
 result is the same, since rotary positions depend only on distances between tokens.
-The vectors are returned unnormalised unless the model has a Normalize module; the service
-applies L2 normalisation (per registry entry) after ``dimensions``.
+The vectors are returned unnormalised (before a final Normalize module); the service applies L2
+normalisation (per registry entry, on by default) after ``dimensions``.
 """
 
 from __future__ import annotations
@@ -113,7 +113,6 @@ class TextEncoder:
         truncation_side: Literal["left", "right"] = "right",
         special_ids: frozenset[int] = frozenset(),
         dense: DenseHead | None = None,
-        normalize: bool = False,
         prompts: Mapping[str, str] | None = None,
         default_prompt_name: str | None = None,
     ) -> None:
@@ -123,7 +122,6 @@ class TextEncoder:
         self.pooling = pooling
         self.max_input_tokens = max_input_tokens
         self._dense = dense
-        self._normalize = normalize
         hidden = int(model.config.hidden_size) * len(pooling.modes)
         self.dimensions = (dense.out_features if dense else None) or hidden
         self.architecture = type(model).__name__
@@ -207,8 +205,6 @@ class TextEncoder:
                 pooled = self._encode_grouped(ids, skip)
             if self._dense is not None:
                 pooled = self._dense(pooled)
-            if self._normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
             return pooled.cpu().numpy().astype(np.float32, copy=False)
 
     def _pool(
@@ -363,7 +359,6 @@ def load_text_encoder(
         truncation_side="left" if hf_tokenizer.truncation_side == "left" else "right",
         special_ids=frozenset(int(index) for index in hf_tokenizer.all_special_ids),
         dense=dense,
-        normalize=config.normalize,
         prompts=all_prompts,
         default_prompt_name=default_prompt,
     )
