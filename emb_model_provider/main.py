@@ -44,6 +44,7 @@ def _model_manager(
         cache_dir=str(settings.cache_dir) if settings.cache_dir else None,
         num_threads=settings.num_threads,
         max_image_pixels=settings.max_image_pixels,
+        trust_remote_code=settings.trust_remote_code,
     )
     return ModelManager(
         registry,

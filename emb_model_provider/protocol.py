@@ -52,6 +52,9 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     user: StrictStr | None = None
+    #: Extension (the OpenAI SDK sends it through ``extra_body``): the model's prompt to
+    #: prepend, e.g. "query"; without it the model's default prompt, if any.
+    prompt_name: NonEmptyStr | None = None
 
     @model_validator(mode="after")
     def _log_extra(self) -> EmbeddingRequest:
@@ -100,6 +103,13 @@ class ModelCard(BaseModel):
     max_input_tokens: int | None
     loaded: bool
     aliases: list[str]
+    #: Text models: what serves the name (known once loaded).
+    architecture: str | None = None
+    pooling: str | None = None
+    prompts: dict[str, str] | None = None
+    default_prompt_name: str | None = None
+    #: A prompt-pinned name: the model it shares.
+    base: str | None = None
 
 
 class ModelList(BaseModel):

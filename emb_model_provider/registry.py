@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from emb_model_provider.core.errors import ConfigError, ModelNotFound
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, SourceError
 
 Modality = Literal["text", "image", "multimodal"]
-Pooling = Literal["mean", "cls", "max"]
+Pooling = Literal["mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
 DType = Literal["float32", "float16", "bfloat16"]
 
 
@@ -43,6 +43,15 @@ class ModelSpec:
     owned_by: str = "emb-model-provider"
     #: Weights and compute dtype for this model; None: the server's ``EMB_PROVIDER_DTYPE``.
     dtype: DType | None = None
+    #: Prompts (name, text) added to or replacing the model's saved ones, and the default.
+    prompts: tuple[tuple[str, str], ...] = ()
+    default_prompt_name: str | None = None
+    #: Run code the model directory ships; None: the server's EMB_PROVIDER_TRUST_REMOTE_CODE.
+    trust_remote_code: bool | None = None
+    #: A prompt-pinned name: ``base`` is the entry whose loaded model this name shares, and
+    #: ``prompt_name`` the prompt its requests get when they name none.
+    base: str | None = None
+    prompt_name: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -141,12 +150,23 @@ def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
         raise SourceError(f"{spec.modality} models are not served by this version of the server")
     module_name, _, attr = target.partition(":")
     loader = getattr(importlib.import_module(module_name), attr)
+    if spec.dtype is not None:
+        options = dataclasses.replace(options, dtype=spec.dtype)
+    if spec.trust_remote_code is not None:
+        options = dataclasses.replace(options, trust_remote_code=spec.trust_remote_code)
+    text_options: dict[str, object] = {}
+    if spec.modality == "text":
+        text_options = {
+            "prompts": dict(spec.prompts),
+            "default_prompt_name": spec.default_prompt_name,
+        }
     encoder: Encoder = loader(
         spec.source,
         revision=spec.revision,
         max_input_tokens=spec.max_input_tokens,
         pooling=spec.pooling,
-        options=options if spec.dtype is None else dataclasses.replace(options, dtype=spec.dtype),
+        options=options,
+        **text_options,
     )
     return encoder
 
@@ -157,7 +177,10 @@ class _ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
-    source: str = Field(min_length=1)
+    source: str | None = Field(None, min_length=1)
+    #: A prompt-pinned entry: the name of the entry whose model it shares, and its prompt.
+    base: str | None = Field(None, min_length=1)
+    prompt_name: str | None = Field(None, min_length=1)
     modality: Modality = "text"
     aliases: list[str] = Field(default_factory=list)
     revision: str | None = None
@@ -167,6 +190,31 @@ class _ModelEntry(BaseModel):
     dimensions: int | None = Field(None, ge=1)
     owned_by: str = "emb-model-provider"
     dtype: DType | None = None
+    prompts: dict[str, str] = Field(default_factory=dict)
+    default_prompt_name: str | None = None
+    trust_remote_code: bool | None = None
+
+    @model_validator(mode="after")
+    def _source_or_base(self) -> _ModelEntry:
+        if self.base is None:
+            if self.source is None:
+                raise ValueError("give `source` (or `base` and `prompt_name` for a pinned prompt)")
+            if self.prompt_name is not None:
+                raise ValueError("`prompt_name` pins a prompt on a `base` entry; give `base` too")
+            return self
+        if self.prompt_name is None:
+            raise ValueError("an entry with `base` pins a prompt: give `prompt_name`")
+        extra = sorted(self.model_fields_set - _PINNED_FIELDS)
+        if extra:
+            raise ValueError(
+                f"an entry with `base` shares that entry's model; {', '.join(extra)} "
+                "cannot be set on it"
+            )
+        return self
+
+
+#: What a prompt-pinned entry may set; the rest comes from its base.
+_PINNED_FIELDS = frozenset({"name", "base", "prompt_name", "aliases", "normalize", "owned_by"})
 
 
 class _ModelsFile(BaseModel):
@@ -198,7 +246,8 @@ def load_models_file(path: Path) -> list[ModelSpec]:
     return [
         ModelSpec(
             name=entry.name,
-            source=_source_beside(entry.source, path.parent),
+            # A pinned entry's source is its base's, filled in by the Registry.
+            source=_source_beside(entry.source, path.parent) if entry.source else "",
             modality=entry.modality,
             aliases=tuple(entry.aliases),
             revision=entry.revision,
@@ -208,6 +257,11 @@ def load_models_file(path: Path) -> list[ModelSpec]:
             dimensions=entry.dimensions,
             owned_by=entry.owned_by,
             dtype=entry.dtype,
+            prompts=tuple(entry.prompts.items()),
+            default_prompt_name=entry.default_prompt_name,
+            trust_remote_code=entry.trust_remote_code,
+            base=entry.base,
+            prompt_name=entry.prompt_name,
         )
         for entry in parsed.models
     ]
@@ -232,7 +286,11 @@ def _source_beside(source: str, folder: Path) -> str:
 
 
 class Registry:
-    """Specs by name; a later spec with the same name replaces the earlier one."""
+    """Specs by name; a later spec with the same name replaces the earlier one.
+
+    A prompt-pinned spec (``base``) names another spec whose loaded model it shares:
+    ``weights(spec)`` is the spec that is loaded, once, for both names.
+    """
 
     def __init__(self, specs: Iterable[ModelSpec]) -> None:
         self._specs: dict[str, ModelSpec] = {}
@@ -244,6 +302,39 @@ class Registry:
                 self._by_name[alias] = spec
         for spec in self._specs.values():  # canonical names win over aliases
             self._by_name[spec.name] = spec
+        for spec in list(self._specs.values()):
+            if spec.base is not None:
+                self._pin(spec)
+
+    def _pin(self, spec: ModelSpec) -> None:
+        """Fill in a pinned spec from its base (the base's canonical name, source, modality)."""
+        base = self._by_name.get(spec.base or "")
+        setting = "EMB_PROVIDER_MODELS_FILE"
+        if base is None:
+            raise ConfigError(setting, f"model {spec.name}: base {spec.base!r} is not a model")
+        if base.base is not None:
+            raise ConfigError(
+                setting, f"model {spec.name}: base {base.name} pins a prompt itself; name its base"
+            )
+        if base.modality != "text":
+            raise ConfigError(setting, f"model {spec.name}: base {base.name} has no prompts")
+        pinned = dataclasses.replace(
+            spec,
+            base=base.name,
+            source=base.source,
+            modality=base.modality,
+            revision=base.revision,
+            dimensions=base.dimensions,
+            max_input_tokens=base.max_input_tokens,
+        )
+        self._specs[spec.name] = pinned
+        for name in pinned.names:
+            if self._by_name.get(name) is spec:
+                self._by_name[name] = pinned
+
+    def weights(self, spec: ModelSpec) -> ModelSpec:
+        """The spec whose model serves ``spec``: its base for a prompt-pinned name."""
+        return self._specs[spec.base] if spec.base is not None else spec
 
     @classmethod
     def from_settings(cls, models_file: Path | None) -> Registry:

@@ -513,7 +513,19 @@ BAD_MODELS_FILES: dict[str, tuple[str, str]] = {
     ),
     "misspelt source": ("models:\n  - name: x\n    sourse: /tmp\n", "sourse"),
     "bad modality": ("models:\n  - name: x\n    source: /tmp\n    modality: audio\n", "modality"),
-    "missing source": ("models:\n  - name: x\n", "models.0.source: Field required"),
+    "missing source": ("models:\n  - name: x\n", "models.0: Value error, give `source`"),
+    "pinned without prompt": (
+        "models:\n  - name: x\n    base: y\n",
+        "an entry with `base` pins a prompt: give `prompt_name`",
+    ),
+    "pinned with its own weights": (
+        "models:\n  - name: x\n    base: y\n    prompt_name: q\n    dtype: bfloat16\n",
+        "dtype cannot be set on it",
+    ),
+    "prompt without base": (
+        "models:\n  - name: x\n    source: /tmp\n    prompt_name: q\n",
+        "give `base` too",
+    ),
     "bad dtype": ("models:\n  - name: x\n    source: /tmp\n    dtype: int8\n", "dtype"),
     "bad pooling": ("models:\n  - name: x\n    source: /tmp\n    pooling: sum\n", "pooling"),
     "zero max tokens": (
@@ -534,6 +546,26 @@ def test_invalid_models_file_fails_at_start_up(tmp_path: Path, case: str) -> Non
     assert str(path) in caught.value.message
     assert fragment in caught.value.message
     assert "\n" not in str(caught.value)  # reported as one line by the CLI
+
+
+@pytest.mark.parametrize(
+    ("entries", "fragment"),
+    [
+        ("  - name: x\n    base: nope\n    prompt_name: q\n", "base 'nope' is not a model"),
+        (
+            "  - name: x\n    base: all-MiniLM-L6-v2\n    prompt_name: q\n"
+            "  - name: y\n    base: x\n    prompt_name: q\n",
+            "base x pins a prompt itself",
+        ),
+    ],
+)
+def test_bad_pinned_base_fails_at_start_up(tmp_path: Path, entries: str, fragment: str) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n" + entries, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        create_app(test_settings(models_file=path))
+    assert caught.value.setting == "EMB_PROVIDER_MODELS_FILE"
+    assert fragment in caught.value.message
 
 
 def test_unknown_default_model_fails_at_start_up() -> None:

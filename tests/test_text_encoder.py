@@ -1,5 +1,5 @@
 """The text encoder's two forwards agree: BERT without padding in its dense layers, and the
-padded transformers forward that other architectures take."""
+length-grouped transformers forward that other architectures take."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 from sentence_transformers import SentenceTransformer
 
 from emb_model_provider.encoders.base import LoadOptions
-from emb_model_provider.encoders.text import TextEncoder, load_text_encoder
+from emb_model_provider.encoders.st_modules import PoolingConfig, PoolingMode
+from emb_model_provider.encoders.text import TextEncoder, TokenIds, load_text_encoder
 from tests.conftest import BUNDLED_DIR
 
 TEXTS = [
@@ -52,16 +54,29 @@ def test_bert_runs_unpadded(encoder: TextEncoder) -> None:
     assert encoder.backend == "bert-unpadded"
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
-def test_unpadded_equals_padded(encoder: TextEncoder, attention: str, pooling: str) -> None:
+@pytest.mark.parametrize(
+    "pooling", ["mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
+)
+@pytest.mark.parametrize("skip", [0, 3])
+def test_unpadded_equals_padded(
+    encoder: TextEncoder, attention: str, pooling: PoolingMode, skip: int
+) -> None:
+    """The hand-written forward against the library's, on both attention layouts, every
+    pooling mode, with and without leading tokens left out of pooling, in length groups and
+    in one padded forward."""
     prepared = encoder.prepare(TEXTS, truncate=True)
-    encoder.pooling = pooling  # type: ignore[assignment]
+    ids = [item.payload.ids for item in prepared if isinstance(item.payload, TokenIds)]
+    skips = [min(skip, len(row) - 1) for row in ids]
+    encoder.pooling = PoolingConfig((pooling,), include_prompt=skip == 0)
+    encoder.pad_share = 0.25 if skip else None  # length groups, and one padded forward
     try:
-        unpadded = encoder.encode(prepared)
-        padded = encoder._encode_padded([item.payload for item in prepared])  # type: ignore[misc]
+        with torch.inference_mode():
+            unpadded = encoder._unpadded.pooled(ids, encoder._device, encoder._pool, skips)  # type: ignore[union-attr]
+            padded = encoder._encode_grouped(ids, skips)
     finally:
-        encoder.pooling = "mean"
-    np.testing.assert_allclose(unpadded, padded, atol=2e-5, rtol=1e-4)
+        encoder.pooling = PoolingConfig(("mean",))
+        encoder.pad_share = 0.25
+    np.testing.assert_allclose(unpadded.numpy(), padded.numpy(), atol=2e-5, rtol=1e-4)
 
 
 def test_unpadded_mean_matches_sentence_transformers(

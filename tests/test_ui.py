@@ -27,6 +27,7 @@ from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.families import build
 from emb_model_provider.api.ui import ASSETS
 from emb_model_provider.security.keys import hash_key
 from tests.conftest import DEFAULT_MODEL
@@ -40,6 +41,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "ui"
 API_KEY = "sk-console-test-0123456789"
 ADMIN_KEY = "sk-console-admin-0123456789"
 VIT = "tiny-vit"
+PROMPTED = "tiny-prompted"
 CONVNEXT = "tiny-convnext"
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -164,6 +166,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         root / "models.yaml",
         {VIT: tiny_dinov3_vit(root / "vit"), CONVNEXT: tiny_dinov3_convnext(root / "cnx")},
     )
+    # A text model with prompts, for the playground's prompt picker.
+    prompted = build("mpnet", root / "prompted", "tiny")
+    with models_file.open("a", encoding="utf-8") as out:
+        out.write(
+            f"  - name: {PROMPTED}\n    source: {prompted}\n"
+            '    prompts: {query: "query: ", passage: "passage: "}\n'
+        )
     settings = test_settings(
         api_key_hashes=hash_key(API_KEY),
         admin_key_hashes=hash_key(ADMIN_KEY),
@@ -277,9 +286,10 @@ def _heatmap(page: Page) -> tuple[np.ndarray, list[str]]:
     return shown, labels
 
 
-def _embed(served: Served, model: str, inputs: list[str]) -> dict[str, object]:
+def _embed(served: Served, model: str, inputs: list[str], **extra: object) -> dict[str, object]:
     reply = served.api.post(
-        "/v1/embeddings", json={"model": model, "input": inputs, "encoding_format": "float"}
+        "/v1/embeddings",
+        json={"model": model, "input": inputs, "encoding_format": "float", **extra},
     )
     assert reply.status_code == 200, reply.text
     body: dict[str, object] = reply.json()
@@ -397,6 +407,26 @@ def test_three_texts_show_the_cosines_of_the_api_vectors(
     )
     assert neighbours == [int(i) for i in np.argsort(-expected[2]) if i != 2]
     _screenshot(page, "texts-heatmap", request)
+
+
+def test_playground_picks_a_prompt(open_console: OpenConsole, served: Served) -> None:
+    page = open_console()
+    page.select_option("#model-select", PROMPTED)
+    options = page.eval_on_selector_all("#prompt-select option", "items => items.map(i => i.value)")
+    assert options == ["", "query", "passage"]
+    page.select_option("#prompt-select", "query")
+    page.fill("#texts", "\n".join(TEXTS))
+    page.click("#embed-button")
+    expect(page.locator("#result")).to_be_visible()
+    reply = _embed(served, PROMPTED, TEXTS, prompt_name="query")
+    shown, _ = _heatmap(page)
+    assert_allclose(shown, _cosines(_vectors(reply)), atol=1e-5)
+    usage = reply["usage"]
+    assert isinstance(usage, dict)
+    expect(page.locator("#result-tokens")).to_have_text(str(usage["prompt_tokens"]))
+    # A model without prompts offers none.
+    page.select_option("#model-select", DEFAULT_MODEL)
+    expect(page.locator("#prompt-select")).to_be_disabled()
 
 
 def test_dropped_images_are_embedded_by_an_image_model(

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 
 from emb_model_provider.api.auth import check_model_access, may_see_model
 from emb_model_provider.api.deps import ModelsDep
+from emb_model_provider.encoders.base import PromptedEncoder
 from emb_model_provider.protocol import ErrorResponse, ModelCard, ModelList
 from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.models import ModelManager
@@ -14,7 +15,9 @@ router = APIRouter()
 
 
 def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
-    loaded = models.loaded(spec.name)
+    loaded = models.loaded(models.registry.weights(spec).name)
+    encoder = loaded.encoder if loaded else None
+    prompted = encoder if isinstance(encoder, PromptedEncoder) else None
     return ModelCard(
         id=spec.name,
         created=spec.created,
@@ -24,7 +27,21 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
         max_input_tokens=loaded.encoder.max_input_tokens if loaded else spec.max_input_tokens,
         loaded=loaded is not None,
         aliases=list(spec.aliases),
+        architecture=getattr(encoder, "architecture", None),
+        pooling=_pooling_name(encoder) or spec.pooling,
+        prompts=prompted.prompts if prompted else (dict(spec.prompts) or None),
+        default_prompt_name=(
+            spec.prompt_name
+            or (prompted.default_prompt_name if prompted else spec.default_prompt_name)
+        ),
+        base=spec.base,
     )
+
+
+def _pooling_name(encoder: object) -> str | None:
+    pooling = getattr(encoder, "pooling", None)
+    name = getattr(pooling, "name", None)
+    return name if isinstance(name, str) else None
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -44,6 +44,7 @@ class LocalConfig:
     truncate: bool = True
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    trust_remote_code: bool = False
     allow_image_urls: bool = True
     url_allowlist: tuple[str, ...] = ()
     max_url_timeout_s: float = 20.0
@@ -67,6 +68,7 @@ class LocalConfig:
             truncate=settings.truncate,
             max_image_bytes=settings.max_image_bytes,
             max_image_pixels=settings.max_image_pixels,
+            trust_remote_code=settings.trust_remote_code,
             allow_image_urls=settings.allow_image_urls,
             url_allowlist=settings.url_allowlist_entries(),
             max_url_timeout_s=settings.max_url_timeout,
@@ -110,6 +112,7 @@ class LocalEmbedder:
             cache_dir=config.cache_dir,
             num_threads=config.num_threads,
             max_image_pixels=config.max_image_pixels,
+            trust_remote_code=config.trust_remote_code,
         )
         try:
             self._encoder: Encoder = build_encoder(self._spec, options)

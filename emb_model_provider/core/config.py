@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated models.")
     cache_dir: Path | None = Field(None, description="Hugging Face hub cache directory.")
     warmup: bool = Field(True, description="Run a warm-up batch when a model loads.")
+    trust_remote_code: bool = Field(
+        False,
+        description=(
+            "Run the Python code a model directory ships (config auto_map), for models-file "
+            "entries that do not set trust_remote_code; it runs with the server's rights."
+        ),
+    )
     # -- model lifecycle --
     model_idle_unload_s: float = Field(
         0, ge=0, description="Unload a model unused for this many seconds; 0 keeps models loaded."

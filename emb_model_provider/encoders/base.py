@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from emb_model_provider.core.vectors import Vectors
 
@@ -38,6 +38,8 @@ class LoadOptions:
     num_threads: int = 0
     #: Largest image, in pixels, that is decoded (guards against decompression bombs).
     max_image_pixels: int = 40_000_000
+    #: Run code a model directory ships (``auto_map``); off, such a model fails to load.
+    trust_remote_code: bool = False
 
 
 class Encoder(Protocol):
@@ -67,4 +69,25 @@ class Encoder(Protocol):
 
     def close(self) -> None:
         """Free the weights; the encoder is not used afterwards."""
+        ...
+
+
+@runtime_checkable
+class PromptedEncoder(Protocol):
+    """An encoder whose texts may be prefixed with a named prompt (sentence-transformers'
+    ``prompts``, e.g. ``{"query": "query: "}``)."""
+
+    #: Prompt name -> text; the model's saved prompts and the models file's.
+    prompts: dict[str, str]
+    #: The prompt a request that names none gets; None: no prompt.
+    default_prompt_name: str | None
+
+    def prompt_text(self, name: str | None) -> str | None:
+        """The text for ``name`` (None: the default); ``KeyError`` for an unknown name."""
+        ...
+
+    def prepare(
+        self, inputs: Sequence[str | bytes], *, truncate: bool, prompt: str | None = None
+    ) -> list[PreparedInput]:
+        """``Encoder.prepare`` with ``prompt`` prepended to every text."""
         ...

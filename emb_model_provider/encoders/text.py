@@ -1,26 +1,44 @@
-"""Sentence encoders (MiniLM and other BERT-style models): tokenizer, encoder, pooling.
+"""Sentence-transformers text models (BERT, MPNet, DistilBERT, RoBERTa/XLM-R, ModernBERT, Qwen2/3
+decoders and others ``AutoModel`` loads): tokenizer, forward, pooling, Dense, Normalize.
 
-Matches sentence-transformers on the same weights: ``max_seq_length`` from the model's
-``sentence_bert_config.json`` (256 for all-MiniLM-L6-v2, not the tokenizer's 512) and the pooling
-mode from ``1_Pooling/config.json`` (masked mean, as ``Pooling.py``). The vectors are returned
-unnormalised; the service applies L2 normalisation (per registry entry) after ``dimensions``.
+Matches ``SentenceTransformer(path).encode`` on the same weights, from the saved modules
+(``st_modules``): ``max_seq_length`` from ``sentence_bert_config.json`` (256 for
+all-MiniLM-L6-v2, not the tokenizer's 512), ``do_lower_case`` as a Lowercase normaliser in
+front of the tokenizer's own (as sentence-transformers does), the special tokens the tokenizer's
+post-processor adds (a decoder's EOS included), every Pooling mode, Dense and Normalize.
+A prompt is prepended to the text and truncated with it, as ``encode(prompt_name=...)`` does.
+
+Two forwards, chosen per model at load and named by ``backend``:
+
+- ``bert-unpadded`` (plain BERT): no padding in the dense layers (``bert_unpadded``).
+- ``length-grouped`` (every other family): the batch sorted by length and cut into groups
+  whose padding is bounded, one padded transformers forward per group. A batch merged from
+  many requests mixes lengths; one padded forward would spend most of its work on pad tokens,
+  where sentence-transformers' own ``encode`` sorts its corpus first. Each group's forward is
+  the library's, so the result is the padded forward's, exactly.
+
+Padding is always on the right inside the server; for decoders that pad on the left (Qwen) the
+result is the same, since rotary positions depend only on distances between tokens.
+The vectors are returned unnormalised (before a final Normalize module); the service applies L2
+normalisation (per registry entry, on by default) after ``dimensions``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from tokenizers import Tokenizer
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from tokenizers import Tokenizer, normalizers
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
 from emb_model_provider.encoders import bert_unpadded
@@ -32,57 +50,50 @@ from emb_model_provider.encoders.runtime import (
     weight_bytes,
 )
 from emb_model_provider.encoders.sources import SourceError, resolve_source
+from emb_model_provider.encoders.st_modules import (
+    DenseHead,
+    PoolingConfig,
+    PoolingMode,
+    SentenceConfig,
+    pool_flat,
+    read_sentence_config,
+)
 
 logger = logging.getLogger(__name__)
 
-PoolingMode = Literal["mean", "cls", "max"]
+Backend = Literal["bert-unpadded", "length-grouped"]
 
-_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
-
-
-@dataclass(frozen=True)
-class SentenceConfig:
-    """What sentence-transformers' saved modules say about how to embed with this model."""
-
-    transformer_dir: Path
-    max_seq_length: int | None
-    do_lower_case: bool
-    pooling: PoolingMode | None
+#: A length group may hold this share of pad tokens over its real ones (CPU: a forward costs
+#: about its padded tokens) ...
+_CPU_PAD_SHARE = 0.25
+#: ... or this many pad tokens, so that short sentences are not split into many small forwards.
+_PAD_SLACK_TOKENS = 64
 
 
-def read_sentence_config(model_dir: Path) -> SentenceConfig:
-    modules_file = model_dir / "modules.json"
-    if not modules_file.is_file():  # a plain transformers checkpoint
-        return SentenceConfig(model_dir, None, False, None)
-    modules: list[dict[str, Any]] = json.loads(modules_file.read_text(encoding="utf-8"))
-    transformer_dir, pooling = model_dir, None
-    max_seq_length, do_lower_case = None, False
-    for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        path = model_dir / str(module.get("path", ""))
-        if kind not in _SUPPORTED_MODULES:
-            raise SourceError(f"sentence-transformers module {module.get('type')} is not supported")
-        if kind == "Transformer":
-            transformer_dir = path
-            config_file = path / "sentence_bert_config.json"
-            if config_file.is_file():
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-                max_seq_length = config.get("max_seq_length")
-                do_lower_case = bool(config.get("do_lower_case", False))
-        elif kind == "Pooling":
-            pooling = _pooling_mode(json.loads((path / "config.json").read_text(encoding="utf-8")))
-    return SentenceConfig(transformer_dir, max_seq_length, do_lower_case, pooling)
+@dataclass(frozen=True, slots=True)
+class TokenIds:
+    """A tokenised text: its ids and how many leading ones (prompt) pooling leaves out."""
+
+    ids: npt.NDArray[np.int64]
+    skip: int = 0
 
 
-def _pooling_mode(config: dict[str, Any]) -> PoolingMode:
-    mode = config.get("pooling_mode")  # sentence-transformers >= 6 writes one string
-    if mode == "mean" or config.get("pooling_mode_mean_tokens"):
-        return "mean"
-    if mode == "cls" or config.get("pooling_mode_cls_token"):
-        return "cls"
-    if mode == "max" or config.get("pooling_mode_max_tokens"):
-        return "max"
-    raise SourceError(f"pooling config {config} is not supported (mean, cls or max)")
+def length_groups(lengths: Sequence[int], pad_share: float | None) -> list[tuple[int, int]]:
+    """(start, end) slices of ``lengths`` (sorted ascending) whose padding to their longest
+    stays within ``pad_share`` of their real tokens or ``_PAD_SLACK_TOKENS``; None: one group."""
+    if pad_share is None or not lengths:
+        return [(0, len(lengths))]
+    groups: list[tuple[int, int]] = []
+    start, real = 0, 0
+    for index, length in enumerate(lengths):
+        count = index - start + 1
+        waste = count * length - (real + length)
+        if index > start and waste > max(pad_share * (real + length), _PAD_SLACK_TOKENS):
+            groups.append((start, index))
+            start, real = index, 0
+        real += length
+    groups.append((start, len(lengths)))
+    return groups
 
 
 class TextEncoder:
@@ -95,90 +106,150 @@ class TextEncoder:
         *,
         max_input_tokens: int,
         pad_token_id: int,
-        pooling: PoolingMode,
-        do_lower_case: bool,
+        pooling: PoolingConfig,
         device: torch.device,
         dtype: torch.dtype,
+        do_lower_case: bool = False,
+        truncation_side: Literal["left", "right"] = "right",
+        special_ids: frozenset[int] = frozenset(),
+        dense: DenseHead | None = None,
+        prompts: Mapping[str, str] | None = None,
+        default_prompt_name: str | None = None,
     ) -> None:
         self._model = model
         self._device = device
         self._pad_token_id = pad_token_id
         self.pooling = pooling
-        self._do_lower_case = do_lower_case
         self.max_input_tokens = max_input_tokens
-        self.dimensions = int(model.config.hidden_size)
+        self._dense = dense
+        hidden = int(model.config.hidden_size) * len(pooling.modes)
+        self.dimensions = (dense.out_features if dense else None) or hidden
+        self.architecture = type(model).__name__
+        self.prompts: dict[str, str] = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
         self.placement = f"{device} ({str(dtype).removeprefix('torch.')})"
         self.memory_bytes = weight_bytes(model)
+        self._special_ids = special_ids
+        base = Tokenizer.from_str(tokenizer.to_str())
+        if do_lower_case:
+            _lowercase(base)
         # Two read-only Rust tokenizers: encode_batch takes &self, so many request threads can
         # share them, while changing truncation per call on one tokenizer would race.
-        self._truncating = Tokenizer.from_str(tokenizer.to_str())
+        self._truncating = Tokenizer.from_str(base.to_str())
         self._truncating.no_padding()
-        self._truncating.enable_truncation(max_input_tokens)
-        self._full = Tokenizer.from_str(tokenizer.to_str())
+        self._truncating.enable_truncation(max_input_tokens, direction=truncation_side)
+        self._full = Tokenizer.from_str(base.to_str())
         self._full.no_padding()
         self._full.no_truncation()
+        self._prompt_lengths = {text: self._prompt_length(text) for text in self.prompts.values()}
         self._forward_lock = threading.Lock()
+        # transformers' BERT-style models take token type ids, others refuse them.
+        self._token_types = "token_type_ids" in inspect.signature(model.forward).parameters
         #: BERT models run without padding in their dense layers (``bert_unpadded``); other
-        #: architectures take the padded transformers forward.
+        #: architectures take the length-grouped transformers forward.
         self._unpadded = (
             bert_unpadded.UnpaddedBert(model) if bert_unpadded.supports(model) else None
         )
-        self.backend = "bert-unpadded" if self._unpadded is not None else "transformers"
+        self.backend: Backend = "bert-unpadded" if self._unpadded else "length-grouped"
+        #: Pad share a length group may have; None: the whole batch in one padded forward
+        #: (a GPU wants few large kernels more than it minds pad tokens).
+        self.pad_share: float | None = _CPU_PAD_SHARE if device.type == "cpu" else None
 
-    def prepare(self, inputs: Sequence[str | bytes], *, truncate: bool) -> list[PreparedInput]:
+    def _prompt_length(self, prompt: str) -> int:
+        """Tokens of ``prompt`` alone, without a trailing special token (sentence-transformers'
+        ``Transformer._get_prompt_length``): what pooling leaves out without ``include_prompt``."""
+        ids = self._truncating.encode(prompt, add_special_tokens=True).ids
+        if ids and ids[-1] in self._special_ids:
+            return len(ids) - 1
+        return len(ids)
+
+    def prompt_text(self, name: str | None) -> str | None:
+        """The prompt a request's ``prompt_name`` (or the model's default) stands for; raises
+        ``KeyError`` for a name the model does not have."""
+        name = name if name is not None else self.default_prompt_name
+        return None if name is None else self.prompts[name]
+
+    def prepare(
+        self, inputs: Sequence[str | bytes], *, truncate: bool, prompt: str | None = None
+    ) -> list[PreparedInput]:
         texts = [_text(index, value) for index, value in enumerate(inputs)]
-        if self._do_lower_case:
-            texts = [text.lower() for text in texts]
+        skip = 0
+        if prompt:
+            texts = [prompt + text for text in texts]
+            if not self.pooling.include_prompt:
+                known = self._prompt_lengths.get(prompt)
+                skip = known if known is not None else self._prompt_length(prompt)
         tokenizer = self._truncating if truncate else self._full
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
+        # Usage counts the tokens pooled: a prompt the Pooling leaves out is not counted.
         return [
-            PreparedInput(payload=np.asarray(enc.ids, dtype=np.int64), n_tokens=len(enc.ids))
+            PreparedInput(
+                payload=TokenIds(np.asarray(enc.ids, dtype=np.int64), skip),
+                n_tokens=max(len(enc.ids) - skip, 0),
+            )
             for enc in encodings
         ]
 
     def encode(self, batch: Sequence[PreparedInput]) -> Vectors:
-        ids = [cast(npt.NDArray[np.int64], item.payload) for item in batch]
-        if self._unpadded is not None:
-            with (
-                self._forward_lock,
-                oom_releases_cache(self._device),
-                torch.inference_mode(),
-            ):
-                pooled = self._unpadded.pooled(ids, self._device, self.pooling)
-                return pooled.cpu().numpy().astype(np.float32, copy=False)
-        return self._encode_padded(ids)
+        tokens = [_token_ids(item.payload) for item in batch]
+        ids = [item.ids for item in tokens]
+        skip = [item.skip for item in tokens]
+        with (
+            self._forward_lock,
+            oom_releases_cache(self._device),
+            torch.inference_mode(),
+        ):
+            if self._unpadded is not None:
+                pooled = self._unpadded.pooled(ids, self._device, self._pool, skip)
+            else:
+                pooled = self._encode_grouped(ids, skip)
+            if self._dense is not None:
+                pooled = self._dense(pooled)
+            return pooled.cpu().numpy().astype(np.float32, copy=False)
 
-    def _encode_padded(self, batch: Sequence[npt.NDArray[np.int64]]) -> Vectors:
+    def _pool(
+        self, hidden: torch.Tensor, lengths: torch.Tensor, skip: torch.Tensor
+    ) -> torch.Tensor:
+        return pool_flat(hidden, lengths, skip, self.pooling)
+
+    def _encode_grouped(
+        self, ids: Sequence[npt.NDArray[np.int64]], skip: Sequence[int]
+    ) -> torch.Tensor:
+        """Pooled vectors in input order: length-sorted groups, one padded forward each."""
+        order = sorted(range(len(ids)), key=lambda index: ids[index].shape[0])
+        lengths = [int(ids[index].shape[0]) for index in order]
+        flat: list[torch.Tensor] = []
+        for start, end in length_groups(lengths, self.pad_share):
+            hidden, mask = self._forward_padded([ids[index] for index in order[start:end]])
+            flat.append(hidden[mask])  # each row's real tokens, row after row
+        pooled = self._pool(
+            torch.cat(flat) if len(flat) > 1 else flat[0],
+            torch.tensor(lengths, device=self._device),
+            torch.tensor([skip[index] for index in order], device=self._device),
+        )
+        return pooled[torch.argsort(torch.tensor(order, device=self._device))]
+
+    def _forward_padded(
+        self, batch: Sequence[npt.NDArray[np.int64]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The library forward on right-padded rows: hidden states (rows, longest, hidden) and
+        the mask of real tokens."""
         longest = max(ids.shape[0] for ids in batch)
         input_ids = np.full((len(batch), longest), self._pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(batch), longest), dtype=np.int64)
         for row, ids in enumerate(batch):
             input_ids[row, : ids.shape[0]] = ids
             attention_mask[row, : ids.shape[0]] = 1
-        with (
-            self._forward_lock,
-            oom_releases_cache(self._device),
-            torch.inference_mode(),
-        ):
-            ids_t = torch.from_numpy(input_ids).to(self._device, non_blocking=True)
-            mask_t = torch.from_numpy(attention_mask).to(self._device, non_blocking=True)
-            hidden = self._model(
-                input_ids=ids_t,
-                attention_mask=mask_t,
-                token_type_ids=torch.zeros_like(ids_t),
-            ).last_hidden_state.float()
-            pooled = self._pool(hidden, mask_t)
-            return pooled.cpu().numpy().astype(np.float32, copy=False)
-
-    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        expanded = mask.unsqueeze(-1).to(hidden.dtype)
-        if self.pooling == "max":
-            return hidden.masked_fill(expanded == 0, -1e9).max(dim=1).values
-        # Masked mean, as sentence-transformers' Pooling: sum over real tokens / their count.
-        summed = (hidden * expanded).sum(dim=1)
-        return summed / expanded.sum(dim=1).clamp(min=1e-9)
+        ids_t = torch.from_numpy(input_ids).to(self._device, non_blocking=True)
+        mask_t = torch.from_numpy(attention_mask).to(self._device, non_blocking=True)
+        kwargs: dict[str, torch.Tensor] = {"input_ids": ids_t, "attention_mask": mask_t}
+        if self._token_types:
+            kwargs["token_type_ids"] = torch.zeros_like(ids_t)
+        output = self._model(**kwargs)
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:  # custom code may return a tuple
+            hidden = output[0]
+        return hidden, mask_t.bool()
 
     def warmup(self) -> None:
         for texts in (["warm up"], ["warm up the encoder with a longer sentence"] * 4):
@@ -187,6 +258,28 @@ class TextEncoder:
     def close(self) -> None:
         with self._forward_lock:
             release(self._model, self._device)
+
+
+def _token_ids(payload: object) -> TokenIds:
+    assert isinstance(payload, TokenIds)  # what ``prepare`` made
+    return payload
+
+
+def _lowercase(tokenizer: Tokenizer) -> None:
+    """``do_lower_case`` as sentence-transformers applies it: a Lowercase normaliser in front of
+    the tokenizer's own, unless it lowercases already."""
+    current = tokenizer.normalizer
+    if isinstance(current, normalizers.Lowercase):
+        return
+    if isinstance(current, normalizers.Sequence):
+        inner = list(current)  # type: ignore[call-overload]
+        if any(isinstance(item, normalizers.Lowercase) for item in inner):
+            return
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *inner])
+    elif current is None:
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase()])
+    else:
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), current])
 
 
 def _text(index: int, value: str | bytes) -> str:
@@ -202,17 +295,39 @@ def load_text_encoder(
     max_input_tokens: int | None,
     pooling: PoolingMode | None,
     options: LoadOptions,
+    prompts: Mapping[str, str] | None = None,
+    default_prompt_name: str | None = None,
 ) -> TextEncoder:
+    """Load a sentence-transformers (or plain transformers) text model. ``pooling``,
+    ``prompts`` and ``default_prompt_name`` (a models-file entry's) override the saved ones."""
     model_dir = resolve_source(
         source, revision=revision, token=options.hf_token, cache_dir=options.cache_dir
     )
     config = read_sentence_config(model_dir)
+    trust = options.trust_remote_code
+    if not trust:
+        _refuse_custom_code(config.transformer_dir)
     device, dtype = torch_runtime(options)
     try:
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(config.transformer_dir))
-        model = AutoModel.from_pretrained(str(config.transformer_dir), dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"cannot load a model from {model_dir}: {exc}") from exc
+        model_config = AutoConfig.from_pretrained(
+            str(config.transformer_dir), trust_remote_code=trust
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise SourceError(_one_line(f"cannot read the model config in {model_dir}: {exc}")) from exc
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise SourceError(
+            f"architecture {model_config.model_type} is not supported: encoder-decoder models "
+            "(T5 and the like) need a sentence-transformers module of their own"
+        )
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(
+            str(config.transformer_dir), trust_remote_code=trust
+        )
+        model = AutoModel.from_pretrained(
+            str(config.transformer_dir), config=model_config, dtype=dtype, trust_remote_code=trust
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise SourceError(_one_line(f"cannot load a model from {model_dir}: {exc}")) from exc
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if not isinstance(backend, Tokenizer):
         raise SourceError(f"{model_dir} has no fast (tokenizers) tokenizer")
@@ -222,25 +337,70 @@ def load_text_encoder(
     )
     if limit > positions:
         raise SourceError(f"max_input_tokens {limit} exceeds the model's {positions} positions")
+    pooling_config = _pooling(config, pooling)
+    all_prompts = {**config.prompts, **(prompts or {})}
+    default_prompt = default_prompt_name or config.default_prompt_name
+    if default_prompt is not None and default_prompt not in all_prompts:
+        raise SourceError(
+            f"default prompt {default_prompt!r} is not one of the prompts {sorted(all_prompts)}"
+        )
     pad_id = hf_tokenizer.pad_token_id
     model = model.to(device).eval()
+    dense = DenseHead(config.dense, device) if config.dense else None
     encoder = TextEncoder(
         model,
         backend,
         max_input_tokens=int(limit),
         pad_token_id=int(pad_id) if pad_id is not None else 0,
-        pooling=pooling or config.pooling or "mean",
-        do_lower_case=config.do_lower_case,
+        pooling=pooling_config,
         device=device,
         dtype=dtype,
+        do_lower_case=config.do_lower_case,
+        truncation_side="left" if hf_tokenizer.truncation_side == "left" else "right",
+        special_ids=frozenset(int(index) for index in hf_tokenizer.all_special_ids),
+        dense=dense,
+        prompts=all_prompts,
+        default_prompt_name=default_prompt,
     )
     logger.info(
-        "loaded text model from %s on %s: %d dimensions, %d max tokens, %s pooling, %s forward",
+        "loaded text model %s from %s on %s: %d dimensions, %d max tokens, %s pooling, %s forward",
+        encoder.architecture,
         model_dir,
         encoder.placement,
         encoder.dimensions,
         encoder.max_input_tokens,
-        encoder.pooling,
+        encoder.pooling.name,
         encoder.backend,
     )
     return encoder
+
+
+def _pooling(config: SentenceConfig, override: PoolingMode | None) -> PoolingConfig:
+    include_prompt = config.pooling.include_prompt if config.pooling else True
+    if override is not None:
+        return PoolingConfig((override,), include_prompt)
+    return config.pooling or PoolingConfig(("mean",), include_prompt)
+
+
+def _refuse_custom_code(transformer_dir: Path) -> None:
+    """Raise when the model's config or tokenizer names code of its own (``auto_map``): it
+    would run in the server, so it loads only when trust_remote_code allows it."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = transformer_dir / name
+        if not path.is_file():
+            continue
+        try:
+            auto_map: Any = json.loads(path.read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            raise SourceError(
+                f"{transformer_dir} needs custom code (auto_map in {name}: "
+                f"{json.dumps(auto_map, sort_keys=True)}), which runs only when allowed: set "
+                "`trust_remote_code: true` on its models-file entry or "
+                "EMB_PROVIDER_TRUST_REMOTE_CODE=true (the code runs in the server with its rights)"
+            )
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())

@@ -413,6 +413,7 @@ class ResultCache:
         max_input_tokens: int,
         truncate: bool,
         placement: str,
+        prompt: str | None = None,
     ) -> CacheScope:
         context = {
             "model": spec.name,
@@ -421,6 +422,8 @@ class ResultCache:
             "max_input_tokens": max_input_tokens,
             "truncate": truncate,
             "pooling": spec.pooling,
+            # The text the model saw begins with the prompt.
+            "prompt": prompt,
             # Vectors differ in their last bits between dtypes (float16 on CUDA, float32 on
             # CPU); the device index does not matter.
             "dtype": re.sub(r":\d+", "", placement),

@@ -12,8 +12,13 @@ from typing import Literal, cast
 import numpy as np
 
 from emb_model_provider.core import model_thread
-from emb_model_provider.core.errors import BadInput, ContextLengthExceeded, InvalidRequest
-from emb_model_provider.encoders.base import Encoder, PreparedInput, Vectors
+from emb_model_provider.core.errors import (
+    BadInput,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelLoadFailed,
+)
+from emb_model_provider.encoders.base import Encoder, PreparedInput, PromptedEncoder, Vectors
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, Inputs, render_embeddings
 from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.cache import CachedVector, ResultCache
@@ -89,6 +94,7 @@ class EmbeddingService:
             dimensions=request.dimensions,
             normalize=spec.normalize,
             background=background,
+            prompt_name=request.prompt_name,
         )
         body = render_embeddings(
             result.vectors,
@@ -125,15 +131,19 @@ class EmbeddingService:
         dimensions: int | None,
         normalize: bool,
         background: bool = False,
+        prompt_name: str | None = None,
     ) -> Embedded:
         """Vectors for ``data``: the first ``dimensions`` components, L2-normalised when asked
-        (Matryoshka-style: a prefix of a unit vector is scaled back to unit length)."""
+        (Matryoshka-style: a prefix of a unit vector is scaled back to unit length).
+        ``prompt_name`` (else the name's pinned prompt, else the model's default) is prepended
+        to every text."""
         async with self._models.use(spec) as model:
             self._check_dimensions(dimensions, model.encoder.dimensions)
+            prompt = _prompt(spec, model.encoder, prompt_name)
             if self.cache.enabled and model.fingerprint is not None:
-                vectors, prompt_tokens = await self._embed_cached(model, data, background)
+                vectors, prompt_tokens = await self._embed_cached(model, data, background, prompt)
             else:
-                prepared = await self._prepare(model.encoder, data)
+                prepared = await self._prepare(model.encoder, data, prompt)
                 prompt_tokens = self._check_tokens(prepared, model)
                 vectors = _stack(await model.batcher.embed(prepared, background=background))
         if dimensions is not None:
@@ -143,7 +153,11 @@ class EmbeddingService:
         return Embedded(np.ascontiguousarray(vectors), prompt_tokens, spec.name)
 
     async def _embed_cached(
-        self, model: LoadedModel, data: Sequence[str | bytes], background: bool
+        self,
+        model: LoadedModel,
+        data: Sequence[str | bytes],
+        background: bool,
+        prompt: str | None,
     ) -> tuple[Vectors, int]:
         """Raw vectors and tokens through the result cache: only the inputs it does not hold
         (and nobody is computing) go to the model; usage counts every input."""
@@ -157,12 +171,13 @@ class EmbeddingService:
             max_input_tokens=encoder.max_input_tokens,
             truncate=self._limits.truncate,
             placement=encoder.placement,
+            prompt=prompt,
         )
 
         async def compute(indices: list[int], tokens_known: int) -> list[CachedVector]:
             subset = [data[index] for index in indices]
             try:
-                prepared = await self._prepare(encoder, subset)
+                prepared = await self._prepare(encoder, subset, prompt)
             except BadInput as exc:  # name the input by its place in the request
                 raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
             self._check_tokens(prepared, model, tokens_known=tokens_known)
@@ -177,12 +192,18 @@ class EmbeddingService:
         prompt_tokens = self._check_total(sum(entry.n_tokens for entry in entries))
         return _stack([entry.array() for entry in entries]), prompt_tokens
 
-    async def _prepare(self, encoder: Encoder, data: Sequence[str | bytes]) -> list[PreparedInput]:
+    async def _prepare(
+        self, encoder: Encoder, data: Sequence[str | bytes], prompt: str | None = None
+    ) -> list[PreparedInput]:
         """Tokenise (a thread of the pool: tokenizers is Rust, no torch) or decode and preprocess
         images (the model thread: the image processors run torch kernels, see
         ``core/model_thread.py``); a multimodal model's texts and images each their way."""
         if encoder.modality == "multimodal":
             return await self._prepare_mixed(encoder, data)
+        if prompt is not None and isinstance(encoder, PromptedEncoder):
+            return await asyncio.to_thread(
+                encoder.prepare, data, truncate=self._limits.truncate, prompt=prompt
+            )
         if encoder.modality == "image":
             return await model_thread.run(encoder.prepare, data, truncate=self._limits.truncate)
         return await asyncio.to_thread(encoder.prepare, data, truncate=self._limits.truncate)
@@ -300,6 +321,34 @@ class EmbeddingService:
                 code="max_tokens_per_request",
             )
         return total
+
+
+def _prompt(spec: ModelSpec, encoder: Encoder, requested: str | None) -> str | None:
+    """The prompt text for a request: its ``prompt_name``, else the name's pinned prompt, else
+    the model's default; a name the model does not have is the request's (or the config's)
+    error."""
+    name = requested if requested is not None else spec.prompt_name
+    if not isinstance(encoder, PromptedEncoder):
+        if name is not None:
+            raise InvalidRequest(
+                f"The model `{spec.name}` takes no prompts; leave out prompt_name.",
+                param="prompt_name",
+            )
+        return None
+    try:
+        return encoder.prompt_text(name)
+    except KeyError:
+        known = ", ".join(sorted(encoder.prompts)) or "none"
+        if requested is None:  # the models file pins a prompt the model does not have
+            raise ModelLoadFailed(
+                f"The model `{spec.name}` pins the prompt `{name}`, which its model does not "
+                f"have (its prompts: {known}).",
+                param="model",
+            ) from None
+        raise InvalidRequest(
+            f"The model `{spec.name}` has no prompt `{name}`; its prompts are: {known}.",
+            param="prompt_name",
+        ) from None
 
 
 def _wrong_modality(

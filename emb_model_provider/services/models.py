@@ -119,6 +119,8 @@ class ModelManager:
         return list(self._loaded.values())
 
     async def get(self, spec: ModelSpec) -> LoadedModel:
+        # A prompt-pinned name shares its base's model: loaded once, under the base's name.
+        spec = self.registry.weights(spec)
         model = self._loaded.get(spec.name)
         if model is not None:
             return model
@@ -210,7 +212,7 @@ class ModelManager:
 
     async def unload(self, name: str, *, force: bool = False) -> bool:
         """Unload ``name`` once the requests using it are done; False when it was not loaded."""
-        spec = self.registry.get(name)
+        spec = self.registry.weights(self.registry.get(name))
         if spec.name in self.lifecycle.pinned and not force:
             raise InvalidRequest(
                 f"The model `{spec.name}` is pinned; unload it with force=true.",
@@ -278,11 +280,14 @@ class ModelManager:
     # -- status ---------------------------------------------------------------------------------
 
     def status(self, spec: ModelSpec) -> ModelStatus:
+        """The state of the model that serves ``spec`` (its base's, for a prompt-pinned name)."""
+        name = spec.name
+        spec = self.registry.weights(spec)
         model = self._loaded.get(spec.name)
         pinned = spec.name in self.lifecycle.pinned
         if model is not None:
             return ModelStatus(
-                name=spec.name,
+                name=name,
                 state="loaded",
                 pinned=pinned,
                 memory_bytes=model.encoder.memory_bytes,
@@ -300,7 +305,7 @@ class ModelManager:
         elif spec.name in self._failures:
             state = "failed"
         return ModelStatus(
-            name=spec.name,
+            name=name,
             state=state,
             pinned=pinned,
             memory_bytes=None,

@@ -174,6 +174,7 @@
         { class: "facts compact" },
         fact("Modality", card.modality),
         fact("Dimensions", card.dimensions ?? "–", "dimensions"),
+        fact("Pooling", card.pooling ?? "–", "pooling"),
         fact("State", state.replace("_", " "), "state", `state-${state}`),
         fact("Memory", entry ? formatBytes(entry.memory_bytes) : "–", "memory"),
         fact("Device", entry && entry.device ? entry.device : "–"),
@@ -232,12 +233,29 @@
     if (names.includes(previous)) select.value = previous;
     else if (names.includes(models.defaultModel)) select.value = models.defaultModel;
     showModelHint();
+    renderPromptSelect();
   }
 
   // Multimodal models (CLIP, SigLIP) take texts and images in one space: say what that gives.
   function showModelHint() {
     const card = models.cards.find((item) => item.id === $("model-select").value);
     $("multimodal-hint").hidden = !card || card.modality !== "multimodal";
+  }
+
+  // The prompts of the chosen model (a loaded model lists its saved ones too); "" sends no
+  // prompt_name, so the model's default (or a pinned name's prompt) applies.
+  function renderPromptSelect() {
+    const select = $("prompt-select");
+    const previous = select.value;
+    const card = models.cards.find((item) => item.id === $("model-select").value);
+    const prompts = (card && card.prompts) || {};
+    const fallback = card && card.default_prompt_name ? ` (${card.default_prompt_name})` : "";
+    select.replaceChildren(el("option", { value: "", text: `Model default${fallback}` }));
+    for (const [name, text] of Object.entries(prompts)) {
+      select.append(el("option", { value: name, text: text ? `${name}: “${text}”` : name }));
+    }
+    select.value = Object.hasOwn(prompts, previous) ? previous : "";
+    select.disabled = Object.keys(prompts).length === 0;
   }
 
   async function lifecycle(button) {
@@ -341,6 +359,8 @@
     body.encoding_format = "float";
     const dimensions = $("dimensions").value.trim();
     if (dimensions) body.dimensions = Number(dimensions);
+    const promptName = $("prompt-select").value;
+    if (promptName) body.prompt_name = promptName;
     const button = $("embed-button");
     const state = $("embed-state");
     embedding = true;
@@ -764,6 +784,7 @@
       if (button) lifecycle(button);
     });
     $("refresh-models").addEventListener("click", refreshModels);
+    $("model-select").addEventListener("change", renderPromptSelect);
     $("refresh-every").addEventListener("change", () => {
       refreshStatus();
       scheduleStatus();
