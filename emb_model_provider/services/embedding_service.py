@@ -1,5 +1,9 @@
 """POST /v1/embeddings without HTTP or torch: registry lookup, input checks, token counts,
 batching, ``dimensions``, and the response body.
+
+Traced requests get a span for the input checks, one for tokenisation (or image preprocessing)
+and one for the model's use; the cache, the image loader and the batcher add theirs
+(``core/tracing.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Literal, cast
 
 import numpy as np
 
-from emb_model_provider.core import model_thread
+from emb_model_provider.core import model_thread, tracing
 from emb_model_provider.core.errors import BadInput, ContextLengthExceeded, InvalidRequest
 from emb_model_provider.encoders.base import Encoder, PreparedInput, Vectors
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, render_embeddings
@@ -69,18 +73,22 @@ class EmbeddingService:
     async def create(self, request: EmbeddingRequest, *, background: bool = False) -> Reply:
         """The response to one /v1/embeddings request. ``background`` (Batch API jobs) yields
         the model to interactive requests."""
-        spec = self._models.registry.get(request.model)
-        inputs = request.inputs()
-        self._check_count(len(inputs))
-        if spec.dimensions is not None:
-            self._check_dimensions(request.dimensions, spec.dimensions)
+        with tracing.span("embeddings.check_inputs"):
+            spec = self._models.registry.get(request.model)
+            inputs = request.inputs()
+            self._check_count(len(inputs))
+            if spec.dimensions is not None:
+                self._check_dimensions(request.dimensions, spec.dimensions)
+            if spec.modality == "image":
+                values = _image_values(spec, inputs)
+            else:
+                texts = await self._texts(spec, inputs)
         if spec.modality == "image":
-            values = _image_values(spec, inputs)
             data: Sequence[str | bytes] = await self._images.load(
                 values, [f"input[{index}]" for index in range(len(values))]
             )
         else:
-            data = await self._texts(spec, inputs)
+            data = texts
         result = await self.embed(
             spec,
             data,
@@ -101,12 +109,14 @@ class EmbeddingService:
     ) -> Embedded:
         """For the batch-first image API: images as URLs, data URIs, base64 or uploaded bytes,
         named by label in errors. ``normalize=False`` returns the raw pooled vectors."""
-        spec = self._models.registry.get(model)
-        if spec.modality != "image":
-            raise InvalidRequest(
-                f"The model `{spec.name}` takes {spec.modality} inputs, not images.", param="model"
-            )
-        self._check_count(len(values))
+        with tracing.span("embeddings.check_inputs"):
+            spec = self._models.registry.get(model)
+            if spec.modality != "image":
+                raise InvalidRequest(
+                    f"The model `{spec.name}` takes {spec.modality} inputs, not images.",
+                    param="model",
+                )
+            self._check_count(len(values))
         data = await self._images.load(values, labels)
         try:
             return await self.embed(spec, data, dimensions=None, normalize=normalize)
@@ -126,14 +136,15 @@ class EmbeddingService:
     ) -> Embedded:
         """Vectors for ``data``: the first ``dimensions`` components, L2-normalised when asked
         (Matryoshka-style: a prefix of a unit vector is scaled back to unit length)."""
-        async with self._models.use(spec) as model:
-            self._check_dimensions(dimensions, model.encoder.dimensions)
-            if self.cache.enabled and model.fingerprint is not None:
-                vectors, prompt_tokens = await self._embed_cached(model, data, background)
-            else:
-                prepared = await self._prepare(model.encoder, data)
-                prompt_tokens = self._check_tokens(prepared, model)
-                vectors = _stack(await model.batcher.embed(prepared, background=background))
+        with tracing.span("embeddings.embed", {"emb.model": spec.name, "emb.inputs": len(data)}):
+            async with self._models.use(spec) as model:
+                self._check_dimensions(dimensions, model.encoder.dimensions)
+                if self.cache.enabled and model.fingerprint is not None:
+                    vectors, prompt_tokens = await self._embed_cached(model, data, background)
+                else:
+                    prepared = await self._prepare(model.encoder, data)
+                    prompt_tokens = self._check_tokens(prepared, model)
+                    vectors = _stack(await model.batcher.embed(prepared, background=background))
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if normalize:
@@ -179,9 +190,20 @@ class EmbeddingService:
         """Tokenise (a thread of the pool: tokenizers is Rust, no torch) or decode and preprocess
         images (the model thread: the image processors run torch kernels, see
         ``core/model_thread.py``)."""
-        if encoder.modality == "image":
-            return await model_thread.run(encoder.prepare, data, truncate=self._limits.truncate)
-        return await asyncio.to_thread(encoder.prepare, data, truncate=self._limits.truncate)
+        image = encoder.modality == "image"
+        name = "embeddings.preprocess_images" if image else "embeddings.tokenize"
+        with tracing.span(name, {"emb.inputs": len(data)}) as current:
+            if image:
+                prepared = await model_thread.run(
+                    encoder.prepare, data, truncate=self._limits.truncate
+                )
+            else:
+                prepared = await asyncio.to_thread(
+                    encoder.prepare, data, truncate=self._limits.truncate
+                )
+            if current is not None:
+                current.set_attribute("emb.tokens", sum(item.n_tokens for item in prepared))
+            return prepared
 
     def _check_count(self, count: int) -> None:
         if count > self._limits.max_inputs_per_request:
