@@ -31,6 +31,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from PIL import Image
 
+from emb_model_provider.api.middleware import UNTRACED_PATHS
 from emb_model_provider.batching import DynamicBatcher
 from emb_model_provider.core import tracing
 from emb_model_provider.encoders.base import PreparedInput, Vectors
@@ -308,6 +309,20 @@ def test_one_request_gives_its_spans_with_links_and_the_callers_trace(
     logged = [r for r in access_log.records if getattr(r, "request_id", None) == "trace-me-1"]
     assert len(logged) == 1
     assert getattr(logged[0], "trace_id", None) == TRACE_ID
+
+
+def test_probes_are_not_traced(
+    client: openai.OpenAI, receiver: OtlpReceiver, served: tuple[str, FastAPI]
+) -> None:
+    """/ready is polled from the start; a request sent after it shows the exports went on."""
+    assert httpx.get(f"{served[0]}/health", timeout=DEADLINE_S).status_code == 200
+    trace_id = "9bf92f3577b34da6a3ce929d0e0e4736"
+    client.models.list(extra_headers={"traceparent": f"00-{trace_id}-{PARENT_ID}-01"})
+    spans = receiver.wait_for(
+        "models span",
+        lambda found: any(s.trace_id == trace_id and s.name == "GET /v1/models" for s in found),
+    )
+    assert not [span for span in spans if span.attributes.get("url.path") in UNTRACED_PATHS]
 
 
 def test_a_cached_request_records_its_hits_and_runs_no_forward(

@@ -53,6 +53,9 @@ _UNSAFE_ID_CHARS = re.compile(rb"[^A-Za-z0-9._:/+=@-]")
 #: default) is 4.3 MB and keeps 75 % in ~0.12 s. Starlette compresses bodies over 128 KiB in a
 #: worker thread, so the event loop does not wait on it.
 GZIP_LEVEL = 1
+#: Probes and scrapes are not traced: a load balancer or Prometheus calls them every few seconds,
+#: and their spans would bury the requests' ones.
+UNTRACED_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 def request_id_from(scope: Scope) -> str:
@@ -105,7 +108,7 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        if self.tracer is None:
+        if self.tracer is None or scope["path"] in UNTRACED_PATHS:
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
