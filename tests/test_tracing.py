@@ -578,6 +578,24 @@ def test_with_tracing_off_no_sdk_provider_or_exporter_is_built(
     assert probe.stdout.strip() == ""
 
 
+def test_a_request_the_sampler_leaves_out_queues_no_origin(receiver: OtlpReceiver) -> None:
+    """OTEL_TRACES_SAMPLER is the SDK's: sampled out, a request's inputs carry no origin, so the
+    batcher writes no forward span for it."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url)
+        env.setenv("OTEL_TRACES_SAMPLER", "always_off")
+        traced = tracing.start_tracing("test")
+    token = tracing.activate(traced.tracer)
+    try:
+        with tracing.span("sampled out") as span:
+            assert span is not None and not span.is_recording()
+            assert tracing.origin() is None
+            assert tracing.trace_id(span) is not None  # the access log still gets the trace id
+    finally:
+        tracing.deactivate(token)
+        traced.shutdown()
+
+
 def test_untraced_code_gets_no_span() -> None:
     assert tracing.origin() is None
     with tracing.span("nothing") as span:

@@ -165,9 +165,10 @@ class RequestContextMiddleware:
         if model is not None:
             fields.update(model=model, inputs=inputs, tokens=tokens)
             usage = f" model={model} inputs={inputs} tokens={tokens}"
-        if span is not None:
-            fields["trace_id"] = tracing.trace_id(span)
-            usage += f" trace={fields['trace_id']}"
+        trace_id = tracing.trace_id(span) if span is not None else None
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
+            usage += f" trace={trace_id}"
         # Never the body or the query: they can hold input text or credentials.
         access_logger.info(
             "%s %s %d %.1fms id=%s client=%s%s",

@@ -111,9 +111,11 @@ def server_span(
         _TRACER.reset(token)
 
 
-def trace_id(current: Span) -> str:
-    """The span's trace id as W3C writes it: 32 lower-case hex digits."""
-    return trace.format_trace_id(current.get_span_context().trace_id)
+def trace_id(current: Span) -> str | None:
+    """The span's trace id as W3C writes it (32 lower-case hex digits); ``None`` when it has none
+    (OTEL_SDK_DISABLED and no incoming ``traceparent``)."""
+    context = current.get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,13 +130,17 @@ class Origin:
 
 
 def origin() -> Origin | None:
-    """The current request's origin for inputs about to be queued; ``None`` when not traced."""
+    """The current request's origin for inputs about to be queued; ``None`` when not traced, or
+    when the sampler left the request out (its queue wait would not be recorded either, and a
+    forward pass linked to nothing recorded is noise)."""
     tracer = _TRACER.get()
     if tracer is None:
         return None
     current = otel_context.get_current()
-    span_context = trace.get_current_span(current).get_span_context()
-    return Origin(tracer, current, span_context, time.time_ns())
+    span = trace.get_current_span(current)
+    if not span.is_recording():
+        return None
+    return Origin(tracer, current, span.get_span_context(), time.time_ns())
 
 
 @contextlib.contextmanager
