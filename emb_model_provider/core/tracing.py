@@ -158,12 +158,18 @@ def forward_span(
         attributes=attributes,
         links=[Link(item.span_context) for item in distinct],
     )
-    if started_ns is not None:
-        back = [Link(forward.get_span_context())]
-        for item in distinct:
-            wait = tracer.start_span(
-                "batcher.queue_wait", context=item.context, start_time=item.queued_ns, links=back
-            )
-            wait.end(end_time=max(started_ns, item.queued_ns))
-    with trace.use_span(forward, end_on_exit=True):
-        yield
+    try:
+        with trace.use_span(forward, end_on_exit=True):
+            yield
+    finally:
+        # Written after the forward (their times are given), so they never delay its start.
+        if started_ns is not None:
+            back = [Link(forward.get_span_context())]
+            for item in distinct:
+                wait = tracer.start_span(
+                    "batcher.queue_wait",
+                    context=item.context,
+                    start_time=item.queued_ns,
+                    links=back,
+                )
+                wait.end(end_time=max(started_ns, item.queued_ns))
