@@ -16,6 +16,10 @@ went away) are skipped.
 Background work (Batch API jobs) waits in a second queue that the worker serves only when no
 interactive input is waiting, one (smaller) batch at a time: an online request arriving behind a
 bulk job waits at most for the one background batch already running.
+
+When the request is traced (``core/tracing.py``), its inputs carry its span context into the
+queue; each forward pass is a span linked to every request it served, and each request gets a
+queue-wait span linked back to it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from emb_model_provider.core import tracing
 from emb_model_provider.core.errors import Internal, NotReady, Overloaded, ProviderError
 from emb_model_provider.encoders.base import PreparedInput, Vectors
 
@@ -94,6 +99,7 @@ class _Item:
     future: asyncio.Future[Vectors]
     loop: asyncio.AbstractEventLoop
     enqueued_s: float  # time.perf_counter() when queued
+    origin: tracing.Origin | None  # the traced request that queued it
     deferred: bool = False  # held back once to fill a later batch
 
 
@@ -146,7 +152,8 @@ class DynamicBatcher:
         ``background`` inputs run only while no interactive input waits."""
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        items = [_Item(p, loop.create_future(), loop, now) for p in inputs]
+        origin = tracing.origin()
+        items = [_Item(p, loop.create_future(), loop, now, origin) for p in inputs]
         queue = self._background if background else self._pending
         with self._cond:
             if self._stopping:
@@ -239,16 +246,25 @@ class DynamicBatcher:
         self.stats.batch_sizes.observe(len(live))
         for item in live:
             self.stats.queue_wait_s.observe(started - item.enqueued_s)
-        self._run_batch(live)
+        self._run_batch(live, first=True)
 
-    def _run_batch(self, batch: list[_Item]) -> None:
+    def _run_batch(self, batch: list[_Item], *, first: bool = False) -> None:
         live = [item for item in batch if not item.future.done()]
         self.stats.skipped_inputs += len(batch) - len(live)
         batch = live
         if not batch:
             return
+        origins = [item.origin for item in batch if item.origin is not None]
         try:
-            vectors = self._encode([item.prepared for item in batch])
+            if origins:
+                with tracing.forward_span(
+                    origins,
+                    self._forward_attributes(batch),
+                    started_ns=time.time_ns() if first else None,
+                ):
+                    vectors = self._encode([item.prepared for item in batch])
+            else:
+                vectors = self._encode([item.prepared for item in batch])
         except Exception as exc:
             if len(batch) > 1:
                 logger.warning(
@@ -267,6 +283,16 @@ class DynamicBatcher:
         self.stats.encoded_inputs += len(batch)
         for row, item in enumerate(batch):
             self._deliver(item, vectors[row])
+
+    def _forward_attributes(self, batch: list[_Item]) -> tracing.Attributes:
+        tokens = [item.prepared.n_tokens for item in batch]
+        return {
+            "emb.model": self.name,
+            "emb.batch.size": len(batch),
+            "emb.batch.tokens": sum(tokens),
+            # What a padded forward computes (longest x count); unpadded kernels skip the rest.
+            "emb.batch.padded_tokens": max(tokens) * len(batch),
+        }
 
     @staticmethod
     def _deliver(item: _Item, result: Vectors | BaseException) -> None:

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from opentelemetry.trace import Tracer
+from starlette.applications import Starlette
 
 from emb_model_provider import __version__
 from emb_model_provider.api import admin, embeddings, health, images, models, ui
@@ -22,6 +24,7 @@ from emb_model_provider.api.metrics import install_observability
 from emb_model_provider.core.config import Settings
 from emb_model_provider.core.device import Placement, accelerator_memory, resolve_placement
 from emb_model_provider.core.errors import ConfigError, ProviderError
+from emb_model_provider.core.tracing import start_tracing
 from emb_model_provider.encoders.base import LoadOptions
 from emb_model_provider.registry import ModelSpec, Registry
 from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
@@ -98,7 +101,29 @@ def _result_cache(settings: Settings) -> ResultCache:
     return ResultCache(backend)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def _install_tracing(app: FastAPI, settings: Settings) -> Tracer | None:
+    """The app's tracer when tracing is on (``app.state.tracing``), flushed and stopped after
+    everything else at shutdown. Off: no SDK import, no provider, no exporter."""
+    if not settings.tracing_enabled():
+        app.state.tracing = None
+        return None
+    tracing = start_tracing(__version__)
+    app.state.tracing = tracing
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Starlette) -> AsyncIterator[None]:
+        try:
+            async with inner(app_):
+                yield
+        finally:  # export what is still buffered, within OTEL_EXPORTER_OTLP_TIMEOUT
+            await asyncio.to_thread(tracing.shutdown)
+
+    app.router.lifespan_context = lifespan
+    return tracing.tracer
+
+
+def create_app(settings: Settings) -> FastAPI:  # noqa: PLR0915 (the one wiring function)
     """Build the app; raises ``ConfigError`` for settings that cannot work."""
     registry = Registry.from_settings(settings.models_file)
     if settings.default_model not in registry:
@@ -164,12 +189,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.placement = placement.describe()
     app.state.started_monotonic = time.monotonic()
     app.state.accelerator_memory = lambda: accelerator_memory(placement.device)
+    tracer = _install_tracing(app, settings)
     install_error_handlers(app)
     install_access_control(app, settings)
     # After access control, so that its refusals also carry a request id and are logged.
-    install_observability(app, settings, manager, app.state.accelerator_memory, service.cache)
+    install_observability(
+        app, settings, manager, app.state.accelerator_memory, service.cache, tracer=tracer
+    )
     app.include_router(embeddings.router)
-    install_batch_api(app, settings, service, registry)
+    install_batch_api(app, settings, service, registry, tracer)
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(admin.router, dependencies=[Depends(require_admin)])

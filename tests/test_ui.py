@@ -477,6 +477,37 @@ def test_load_and_unload_a_model(
     assert state[CONVNEXT]["state"] == "not_loaded"
 
 
+def test_without_an_admin_key_the_console_does_not_ask_the_admin_endpoints(
+    browser: Browser,
+) -> None:
+    """/api/status says the admin routes are off: no request to /api/models (whose 403 the
+    browser would log as an error), a note instead, and no Load or Unload buttons."""
+    expect.set_options(timeout=WAIT_MS)
+    requests: list[str] = []
+    errors: list[str] = []
+    with live_server(test_settings()) as url:
+        assert httpx.get(f"{url}/api/status", timeout=30).json()["admin_endpoints"] is False
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{url}/ui/", wait_until="load")
+            item = page.locator(f'#model-list li[data-model="{DEFAULT_MODEL}"]')
+            expect(item).to_be_visible()
+            # Written by the models refresh once it has decided not to ask /api/models.
+            expect(page.locator("#admin-note")).to_contain_text("no admin key")
+            expect(item.get_by_role("button")).to_have_count(0)
+            page.click("#refresh-models")
+            expect(page.locator("#admin-note")).to_contain_text("no admin key")
+            expect(page.locator("#status-device")).not_to_have_text("–")
+        finally:
+            context.close()
+    assert [url for url in requests if "/api/models" in url] == []
+    assert errors == []
+
+
 def test_api_errors_are_shown_as_the_api_words_them(
     open_console: OpenConsole, served: Served, request: pytest.FixtureRequest
 ) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +16,6 @@ from pathlib import Path
 
 import httpx
 
-from bench.otlp_sink import TraceSink
 from bench.paths import BENCH, MODEL_NAME, ROOT, VENVS
 from bench.system import free_port, log
 
@@ -163,6 +164,37 @@ def ensure_infinity(timeout_s: float) -> tuple[str, str]:
     return done.stdout.strip(), ""
 
 
+class TraceSink:
+    """``scripts/otlp_sink.py`` on a free port: it answers the traced server's OTLP/HTTP exports
+    with 200, so that tracing costs the server what it costs in production (spans, batching,
+    protobuf, the POST) without a collector. Its own CPU shows as other processes' ("foreign");
+    at exit it logs how many exports it received."""
+
+    def __init__(self) -> None:
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - read and closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "otlp_sink.py"), "--port", str(port)],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # the sink prints its totals on SIGINT
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if not self._out.closed:
+            self._out.seek(0)
+            log(f"trace sink: {self._out.read().decode(errors='replace').strip()}")
+            self._out.close()
+
+
 _SINK: list[TraceSink] = []
 
 
@@ -213,7 +245,7 @@ def make_targets(names: list[str], install_timeout_s: float) -> list[Target]:
             version=__version__,
         ),
         # Same server, every request traced (OpenTelemetry, sampled always) and exported over
-        # OTLP/HTTP to a sink in this process (bench/otlp_sink.py): what tracing costs.
+        # OTLP/HTTP to a local sink (scripts/otlp_sink.py): what tracing costs.
         "ours-traced": Target(
             "ours-traced",
             "emb-model-provider, traced (OTLP)",

@@ -13,6 +13,7 @@ import time
 
 from fastapi import APIRouter, Request
 
+from emb_model_provider.api.auth import admin_endpoints_enabled
 from emb_model_provider.api.deps import ModelsDep
 from emb_model_provider.services.models import ModelManager
 
@@ -75,6 +76,7 @@ async def server_status(request: Request, models: ModelsDep) -> dict[str, object
         "cache": state.embedding_service.cache.status(),
         "default_model": state.readiness.default_model,
         "ready": state.readiness.ready,
+        "admin_endpoints": admin_endpoints_enabled(request),
         "models": {
             model.spec.name: {
                 "queued_inputs": model.batcher.queued_inputs,

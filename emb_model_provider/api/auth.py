@@ -315,6 +315,13 @@ def may_see_model(request: Request, names: Iterable[str]) -> bool:
     return key is None or key.may_use(names)
 
 
+def admin_endpoints_enabled(request: Request) -> bool:
+    """Whether an admin key is configured, so that the admin routes can answer at all (else 403
+    ``admin_disabled``); /api/status tells the console, which then does not ask them."""
+    policy: AccessPolicy | None = getattr(request.app.state, "access", None)
+    return policy is not None and bool(policy.admin_keys)
+
+
 async def require_admin(request: Request) -> ApiKey:
     """Dependency for admin routes: the admin key that authorised the request.
 

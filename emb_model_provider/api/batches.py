@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
+from opentelemetry.trace import Tracer
 from starlette.applications import Starlette
 
 from emb_model_provider.api import files
@@ -68,7 +69,11 @@ async def cancel_batch(batch_id: str, jobs: JobsDep, owner: OwnerDep) -> JSONRes
 
 
 def install_batch_api(
-    app: FastAPI, settings: Settings, service: EmbeddingService, registry: Registry
+    app: FastAPI,
+    settings: Settings,
+    service: EmbeddingService,
+    registry: Registry,
+    tracer: Tracer | None = None,
 ) -> BatchJobs:
     """The Files and Batch routes, ``app.state.batch_jobs``, and the job runner in the app's
     lifespan: it starts after the app's own start-up (resuming the jobs a previous process left
@@ -87,6 +92,7 @@ def install_batch_api(
         describe_invalid=validation_message,  # a bad line reads as the route's 400 would
         max_concurrent_jobs=settings.batch_max_concurrent_jobs,
         line_concurrency=settings.batch_line_concurrency,
+        tracer=tracer,
     )
     app.state.batch_jobs = jobs
     app.include_router(files.router)

@@ -4,6 +4,7 @@ the one call that installs the observability and limits middleware."""
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from opentelemetry.trace import Tracer
 
 from emb_model_provider.api.middleware import install_middleware
 from emb_model_provider.core.config import Settings
@@ -27,12 +28,15 @@ def install_observability(
     models: ModelManager,
     accelerator_memory: MemoryReader | None,
     cache: ResultCache | None = None,
+    *,
+    tracer: Tracer | None = None,
 ) -> None:
-    """Metrics (when on), /metrics, and the middleware stack of ``api/middleware.py``."""
+    """Metrics (when on), /metrics, and the middleware stack of ``api/middleware.py`` (with the
+    request spans when ``tracer`` is given)."""
     registry = Metrics(models, accelerator_memory=accelerator_memory) if settings.metrics else None
     if registry is not None and cache is not None:
         registry.watch_cache(cache)
     app.state.metrics = registry
-    install_middleware(app, settings, registry)
+    install_middleware(app, settings, registry, tracer=tracer)
     if registry is not None:
         app.include_router(router)

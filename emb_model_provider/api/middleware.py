@@ -5,7 +5,11 @@ call per message on the hot path, with no extra task or response copy. Order, ou
 
 1. ``RequestContextMiddleware``: request id (client's ``X-Request-ID``, sanitised, or a new one)
    on ``request.state.request_id`` and on every response; one access-log line and the request
-   metrics when the request ends.
+   metrics when the request ends. With tracing on (``core/tracing.py``) it also holds the
+   request's server span, written here rather than by opentelemetry-instrumentation-asgi: this
+   layer already knows the route template, the status and the request id, and one more ASGI
+   wrapper would cost a layer of ``send`` calls on every message. The span continues an incoming
+   W3C ``traceparent`` and its trace id goes in the access-log line.
 2. ``CORSMiddleware`` (Starlette's), when origins are configured: errors carry CORS headers too.
 3. ``BodyLimitMiddleware``: 413 from ``Content-Length`` before reading, or while counting a
    streamed (chunked) body.
@@ -27,12 +31,14 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI
+from opentelemetry.trace import Span, StatusCode, Tracer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from emb_model_provider.api.exceptions import error_response
+from emb_model_provider.core import tracing
 from emb_model_provider.core.config import Settings
 from emb_model_provider.services.metrics import Metrics
 
@@ -47,6 +53,9 @@ _UNSAFE_ID_CHARS = re.compile(rb"[^A-Za-z0-9._:/+=@-]")
 #: default) is 4.3 MB and keeps 75 % in ~0.12 s. Starlette compresses bodies over 128 KiB in a
 #: worker thread, so the event loop does not wait on it.
 GZIP_LEVEL = 1
+#: Probes and scrapes are not traced: a load balancer or Prometheus calls them every few seconds,
+#: and their spans would bury the requests' ones.
+UNTRACED_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 def request_id_from(scope: Scope) -> str:
@@ -68,10 +77,18 @@ def _route_template(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics | None, access_log: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics | None,
+        access_log: bool,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,13 +108,33 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            self._finish(scope, state, request_id, status, time.perf_counter() - started)
+        if self.tracer is None or scope["path"] in UNTRACED_PATHS:
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                self._finish(scope, state, request_id, status, time.perf_counter() - started)
+            return
+        method = scope["method"]
+        with tracing.server_span(
+            self.tracer, method, scope["headers"], _request_attributes(scope, request_id)
+        ) as span:
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                _end_server_span(span, scope, state, status)
+                self._finish(
+                    scope, state, request_id, status, time.perf_counter() - started, span=span
+                )
 
     def _finish(
-        self, scope: Scope, state: dict[str, Any], request_id: str, status: int, duration_s: float
+        self,
+        scope: Scope,
+        state: dict[str, Any],
+        request_id: str,
+        status: int,
+        duration_s: float,
+        *,
+        span: Span | None = None,
     ) -> None:
         model: str | None = state.get("model")
         inputs: int = state.get("inputs", 0)
@@ -128,6 +165,10 @@ class RequestContextMiddleware:
         if model is not None:
             fields.update(model=model, inputs=inputs, tokens=tokens)
             usage = f" model={model} inputs={inputs} tokens={tokens}"
+        trace_id = tracing.trace_id(span) if span is not None else None
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
+            usage += f" trace={trace_id}"
         # Never the body or the query: they can hold input text or credentials.
         access_logger.info(
             "%s %s %d %.1fms id=%s client=%s%s",
@@ -139,6 +180,48 @@ class RequestContextMiddleware:
             peer,
             usage,
             extra=fields,
+        )
+
+
+def _request_attributes(scope: Scope, request_id: str) -> tracing.Attributes:
+    """The server span's attributes known before the app runs (OpenTelemetry's HTTP semantic
+    conventions); never the query string, which may hold credentials."""
+    attributes: dict[str, str | int] = {
+        "http.request.method": scope["method"],
+        "url.scheme": scope.get("scheme", "http"),
+        "url.path": scope["path"],
+        "network.protocol.version": scope.get("http_version", "1.1"),
+        "emb.request_id": request_id,
+    }
+    server = scope.get("server")
+    if server and server[1] is not None:
+        attributes["server.address"] = server[0]
+        attributes["server.port"] = server[1]
+    client = scope.get("client")
+    if client:
+        attributes["client.address"] = client[0]
+    return attributes
+
+
+def _end_server_span(span: Span, scope: Scope, state: dict[str, Any], status: int) -> None:
+    """Name the span by the route template (``POST /v1/embeddings``, known only once routing
+    ran), add the status and what the request cost; 5xx are errors, 4xx the client's."""
+    route = getattr(scope.get("route"), "path", None)
+    if isinstance(route, str):
+        span.update_name(f"{scope['method']} {route}")
+        span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_attribute("error.type", str(status))
+        span.set_status(StatusCode.ERROR)
+    model = state.get("model")
+    if model is not None:
+        span.set_attributes(
+            {
+                "gen_ai.request.model": model,
+                "gen_ai.usage.input_tokens": state.get("tokens", 0),
+                "emb.inputs": state.get("inputs", 0),
+            }
         )
 
 
@@ -248,7 +331,9 @@ class TimeoutMiddleware:
             await response(scope, receive, send)
 
 
-def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics | None) -> None:
+def install_middleware(
+    app: FastAPI, settings: Settings, metrics: Metrics | None, *, tracer: Tracer | None = None
+) -> None:
     """Add the stack above; ``add_middleware`` puts each new layer outside the previous ones."""
     if settings.gzip_min_bytes > 0:
         app.add_middleware(
@@ -272,4 +357,6 @@ def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics | None
             expose_headers=[REQUEST_ID_HEADER],
             max_age=600,
         )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log=settings.access_log)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, access_log=settings.access_log, tracer=tracer
+    )

@@ -18,7 +18,9 @@ each finished line durably, write the output and error files.
   start resumes them.
 
 Each line's body is parsed by the same ``EmbeddingRequest`` the route uses and runs through the
-same service, so it meets the same validation, limits and errors as an online request.
+same service, so it meets the same validation, limits and errors as an online request. Traced,
+each line is the root span of a trace of its own (``batch.line``, with the batch id and the line's
+``custom_id``), above the same spans an online request gets.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
+from opentelemetry.trace import Tracer
 from pydantic import ValidationError
 
 from emb_model_provider.batch.protocol import (
@@ -47,6 +50,7 @@ from emb_model_provider.batch.protocol import (
 )
 from emb_model_provider.batch.service import BatchJobs, new_id, now_s
 from emb_model_provider.batch.store import BatchRecord, BatchStore, FileRecord
+from emb_model_provider.core import tracing
 from emb_model_provider.core.errors import ModelNotFound, NotReady, Overloaded, ProviderError
 from emb_model_provider.protocol import EmbeddingRequest
 from emb_model_provider.registry import Registry
@@ -91,6 +95,7 @@ class BatchRunner:
         max_concurrent_jobs: int,
         line_concurrency: int,
         housekeeping_interval_s: float = 30.0,
+        tracer: Tracer | None = None,
     ) -> None:
         self._jobs = jobs
         self._service = service
@@ -101,9 +106,11 @@ class BatchRunner:
         self._interval_s = housekeeping_interval_s
         self._running: dict[str, asyncio.Task[None]] = {}
         self._lock_warned = False
+        self._tracer = tracer
 
     async def run(self) -> None:
         """Until cancelled: start the jobs there is room for, expire old files, wait for news."""
+        tracing.activate(self._tracer)  # this task's context; the job and line tasks copy it
         try:
             while True:
                 self._jobs.wake.clear()
@@ -274,7 +281,11 @@ class BatchRunner:
         raw: bytes,
     ) -> None:
         item = orjson.loads(raw)  # validated already: an object with custom_id and body
-        status_code, body = await self._call(item["body"], allowed)
+        attributes = {"emb.batch.id": batch.id, "emb.batch.custom_id": str(item["custom_id"])}
+        with tracing.span("batch.line", attributes) as current:
+            status_code, body = await self._call(item["body"], allowed)
+            if current is not None:
+                current.set_attribute("emb.batch.line.status_code", status_code)
         payload = render_output_line(
             new_id("batch_req_"),
             item["custom_id"],

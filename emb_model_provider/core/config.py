@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "EMB_PROVIDER_"
@@ -19,6 +19,7 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
+TracingMode = Literal["auto", "on", "off"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -166,6 +167,34 @@ class Settings(BaseSettings):
         True, description="One access-log line per request (uvicorn's own is then off)."
     )
     metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    tracing: TracingMode = Field(
+        "auto",
+        description=(
+            "OpenTelemetry traces over OTLP/HTTP: auto (on when OTEL_EXPORTER_OTLP_ENDPOINT or "
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set) | on | off. The standard OTEL_* "
+            "variables (endpoint, headers, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER) configure "
+            "the export; see docs/operations.md."
+        ),
+    )
+    # The OpenTelemetry SDK reads these itself; Settings reads them only to turn tracing on.
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"),
+        description=(
+            "Standard OpenTelemetry variable (no EMB_PROVIDER_ prefix): the OTLP/HTTP base URL, "
+            "traces go to <url>/v1/traces. Set, it turns tracing on (EMB_PROVIDER_TRACING=auto)."
+        ),
+    )
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "otel_exporter_otlp_traces_endpoint"
+        ),
+        description=(
+            "Standard OpenTelemetry variable (no EMB_PROVIDER_ prefix): the full URL traces are "
+            "sent to. Set, it turns tracing on (EMB_PROVIDER_TRACING=auto)."
+        ),
+    )
     cors_origins: str = Field(
         "", description="Comma-separated origins (https://app.example, or *); empty: CORS off."
     )
@@ -319,6 +348,20 @@ class Settings(BaseSettings):
     def hf_token_value(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None
 
+    def tracing_enabled(self) -> bool:
+        if self.tracing == "auto":
+            return bool(self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint)
+        return self.tracing == "on"
+
 
 def env_name(field: str) -> str:
+    """The variable a field is read from: ``EMB_PROVIDER_<FIELD>``, or the standard name a field
+    borrows (``OTEL_EXPORTER_OTLP_ENDPOINT``)."""
+    alias = (
+        Settings.model_fields[field].validation_alias if field in Settings.model_fields else None
+    )
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        if isinstance(first, str):
+            return first
     return f"{ENV_PREFIX}{field.upper()}"

@@ -39,6 +39,7 @@ from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
+from emb_model_provider.core import tracing
 from emb_model_provider.core.vectors import Vectors
 from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, resolve_source
 from emb_model_provider.registry import ModelSpec
@@ -450,23 +451,36 @@ class ResultCache:
         for index, key in enumerate(keys):
             positions.setdefault(key, []).append(index)
         distinct = list(positions)
-        found = await self.backend.get_many(distinct, scope.dimensions)
-        known_tokens = 0
-        lead: list[bytes] = []
-        wait: dict[bytes, asyncio.Future[CachedVector]] = {}
-        for key, entry in zip(distinct, found, strict=True):
-            if entry is not None:
-                for index in positions[key]:
-                    results[index] = entry
-                self.stats.hits += len(positions[key])
-                known_tokens += entry.n_tokens * len(positions[key])
-            elif (future := self._flights.get(key)) is not None:
-                wait[key] = future
-                self.stats.coalesced += len(positions[key])
-            else:
-                lead.append(key)
-                self.stats.misses += 1
-                self.stats.coalesced += len(positions[key]) - 1
+        with tracing.span("cache.lookup", {"emb.inputs": len(keys)}) as current:
+            found = await self.backend.get_many(distinct, scope.dimensions)
+            known_tokens = 0
+            hits = 0
+            lead: list[bytes] = []
+            wait: dict[bytes, asyncio.Future[CachedVector]] = {}
+            for key, entry in zip(distinct, found, strict=True):
+                if entry is not None:
+                    for index in positions[key]:
+                        results[index] = entry
+                    hits += len(positions[key])
+                    known_tokens += entry.n_tokens * len(positions[key])
+                elif (future := self._flights.get(key)) is not None:
+                    wait[key] = future
+                    self.stats.coalesced += len(positions[key])
+                else:
+                    lead.append(key)
+                    self.stats.misses += 1
+                    self.stats.coalesced += len(positions[key]) - 1
+            self.stats.hits += hits
+            if current is not None:
+                # Inputs found, inputs not found, and of these the distinct ones this request
+                # computes (the others repeat one of them or wait on another request's).
+                current.set_attributes(
+                    {
+                        "emb.cache.hits": hits,
+                        "emb.cache.misses": len(keys) - hits,
+                        "emb.cache.computed": len(lead),
+                    }
+                )
         if lead:
             await self._lead(lead, positions, results, known_tokens, compute)
         if wait:

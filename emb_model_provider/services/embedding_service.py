@@ -1,5 +1,9 @@
 """POST /v1/embeddings without HTTP or torch: registry lookup, input checks, token counts,
 batching, ``dimensions``, and the response body.
+
+Traced requests get a span for the input checks, one for tokenisation (or image preprocessing)
+and one for the model's use; the cache, the image loader and the batcher add theirs
+(``core/tracing.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Literal, cast
 
 import numpy as np
 
-from emb_model_provider.core import model_thread
+from emb_model_provider.core import model_thread, tracing
 from emb_model_provider.core.errors import (
     BadInput,
     ContextLengthExceeded,
@@ -74,20 +78,24 @@ class EmbeddingService:
     async def create(self, request: EmbeddingRequest, *, background: bool = False) -> Reply:
         """The response to one /v1/embeddings request. ``background`` (Batch API jobs) yields
         the model to interactive requests."""
-        spec = self._models.registry.get(request.model)
-        inputs = request.inputs()
-        self._check_count(len(inputs))
-        if spec.dimensions is not None:
-            self._check_dimensions(request.dimensions, spec.dimensions)
+        with tracing.span("embeddings.check_inputs"):
+            spec = self._models.registry.get(request.model)
+            inputs = request.inputs()
+            self._check_count(len(inputs))
+            if spec.dimensions is not None:
+                self._check_dimensions(request.dimensions, spec.dimensions)
+            if spec.modality == "image":
+                values = _image_values(spec, inputs)
+            elif spec.modality == "text":
+                texts = await self._texts(spec, inputs)
         if spec.modality == "image":
-            values = _image_values(spec, inputs)
             data: Sequence[str | bytes] = await self._images.load(
                 values, [f"input[{index}]" for index in range(len(values))]
             )
         elif spec.modality == "multimodal":
             data = await self._texts_and_images(inputs)
         else:
-            data = await self._texts(spec, inputs)
+            data = texts
         result = await self.embed(
             spec,
             data,
@@ -109,12 +117,14 @@ class EmbeddingService:
     ) -> Embedded:
         """For the batch-first image API: images as URLs, data URIs, base64 or uploaded bytes,
         named by label in errors. ``normalize=False`` returns the raw pooled vectors."""
-        spec = self._models.registry.get(model)
-        if spec.modality not in ("image", "multimodal"):
-            raise InvalidRequest(
-                f"The model `{spec.name}` takes {spec.modality} inputs, not images.", param="model"
-            )
-        self._check_count(len(values))
+        with tracing.span("embeddings.check_inputs"):
+            spec = self._models.registry.get(model)
+            if spec.modality not in ("image", "multimodal"):
+                raise InvalidRequest(
+                    f"The model `{spec.name}` takes {spec.modality} inputs, not images.",
+                    param="model",
+                )
+            self._check_count(len(values))
         data = await self._images.load(values, labels)
         try:
             return await self.embed(spec, data, dimensions=None, normalize=normalize)
@@ -137,15 +147,18 @@ class EmbeddingService:
         (Matryoshka-style: a prefix of a unit vector is scaled back to unit length).
         ``prompt_name`` (else the name's pinned prompt, else the model's default) is prepended
         to every text."""
-        async with self._models.use(spec) as model:
-            self._check_dimensions(dimensions, model.encoder.dimensions)
-            prompt = _prompt(spec, model.encoder, prompt_name)
-            if self.cache.enabled and model.fingerprint is not None:
-                vectors, prompt_tokens = await self._embed_cached(model, data, background, prompt)
-            else:
-                prepared = await self._prepare(model.encoder, data, prompt)
-                prompt_tokens = self._check_tokens(prepared, model)
-                vectors = _stack(await model.batcher.embed(prepared, background=background))
+        with tracing.span("embeddings.embed", {"emb.model": spec.name, "emb.inputs": len(data)}):
+            async with self._models.use(spec) as model:
+                self._check_dimensions(dimensions, model.encoder.dimensions)
+                prompt = _prompt(spec, model.encoder, prompt_name)
+                if self.cache.enabled and model.fingerprint is not None:
+                    vectors, prompt_tokens = await self._embed_cached(
+                        model, data, background, prompt
+                    )
+                else:
+                    prepared = await self._prepare(model.encoder, data, prompt)
+                    prompt_tokens = self._check_tokens(prepared, model)
+                    vectors = _stack(await model.batcher.embed(prepared, background=background))
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if normalize:
@@ -198,15 +211,25 @@ class EmbeddingService:
         """Tokenise (a thread of the pool: tokenizers is Rust, no torch) or decode and preprocess
         images (the model thread: the image processors run torch kernels, see
         ``core/model_thread.py``); a multimodal model's texts and images each their way."""
+        image = encoder.modality == "image"
+        name = "embeddings.preprocess_images" if image else "embeddings.tokenize"
         if encoder.modality == "multimodal":
-            return await self._prepare_mixed(encoder, data)
-        if prompt is not None and isinstance(encoder, PromptedEncoder):
-            return await asyncio.to_thread(
-                encoder.prepare, data, truncate=self._limits.truncate, prompt=prompt
-            )
-        if encoder.modality == "image":
-            return await model_thread.run(encoder.prepare, data, truncate=self._limits.truncate)
-        return await asyncio.to_thread(encoder.prepare, data, truncate=self._limits.truncate)
+            name = "embeddings.prepare_inputs"  # texts tokenised, images preprocessed
+        truncate = self._limits.truncate
+        with tracing.span(name, {"emb.inputs": len(data)}) as current:
+            if encoder.modality == "multimodal":
+                prepared = await self._prepare_mixed(encoder, data)
+            elif prompt is not None and isinstance(encoder, PromptedEncoder):
+                prepared = await asyncio.to_thread(
+                    encoder.prepare, data, truncate=truncate, prompt=prompt
+                )
+            elif image:
+                prepared = await model_thread.run(encoder.prepare, data, truncate=truncate)
+            else:
+                prepared = await asyncio.to_thread(encoder.prepare, data, truncate=truncate)
+            if current is not None:
+                current.set_attribute("emb.tokens", sum(item.n_tokens for item in prepared))
+            return prepared
 
     async def _prepare_mixed(
         self, encoder: Encoder, data: Sequence[str | bytes]

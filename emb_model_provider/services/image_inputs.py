@@ -1,12 +1,17 @@
 """Image inputs to bytes: inline data URIs and base64 decoded, URLs fetched concurrently through
-the SSRF-safe fetcher. Errors name the input that failed (its index or id).
+the SSRF-safe fetcher. Errors name the input that failed (its index or id). A traced request
+gets a span per URL with its host, never its query (it may hold a signature or a token).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
+from opentelemetry.trace import SpanKind
+
+from emb_model_provider.core import tracing
 from emb_model_provider.core.errors import InvalidRequest, UpstreamFailed
 from emb_model_provider.inputs.images import (
     ImageInputError,
@@ -46,11 +51,17 @@ class ImageLoader:
             if isinstance(ref, InlineImage):
                 return ref.data
             async with limit:
-                try:
-                    return await self._fetcher.fetch(ref.url)
-                except FetchError as exc:
-                    kind = InvalidRequest if exc.status == 400 else UpstreamFailed
-                    raise kind(f"{label}: {exc.message}", param="input", code=exc.code) from exc
+                with tracing.span(
+                    "image.fetch", _url_attributes(ref.url), kind=SpanKind.CLIENT
+                ) as current:
+                    try:
+                        data = await self._fetcher.fetch(ref.url)
+                    except FetchError as exc:
+                        kind = InvalidRequest if exc.status == 400 else UpstreamFailed
+                        raise kind(f"{label}: {exc.message}", param="input", code=exc.code) from exc
+                    if current is not None:
+                        current.set_attribute("http.response.body.size", len(data))
+                    return data
 
         tasks = [
             asyncio.ensure_future(one(ref, label)) for ref, label in zip(refs, labels, strict=True)
@@ -63,3 +74,23 @@ class ImageLoader:
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
+
+
+def _url_attributes(url: str) -> tracing.Attributes | None:
+    """Host, port, scheme and the URL without credentials, query or fragment; ``None`` (no work)
+    when the request is not traced."""
+    if not tracing.active():
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # not a port: the fetcher refuses the URL, the span still names the host
+        return {"server.address": host, "url.scheme": parts.scheme}
+    shown = f"[{host}]" if ":" in host else host
+    return {
+        "server.address": host,
+        "server.port": port,
+        "url.scheme": parts.scheme,
+        "url.full": f"{parts.scheme}://{shown}:{port}{parts.path}",
+    }

@@ -130,7 +130,8 @@
 
   // -- models ------------------------------------------------------------------------------------
 
-  const models = { cards: [], admin: null, defaultModel: null };
+  // adminEndpoints: what /api/status last said (null: not known yet, so /api/models is asked).
+  const models = { cards: [], admin: null, defaultModel: null, adminEndpoints: null };
 
   async function refreshModels() {
     let cards;
@@ -145,13 +146,21 @@
     }
     let admin = null;
     const note = $("admin-note");
-    try {
-      admin = (await call("GET", "/api/models", { admin: true })).data;
-      note.hidden = true;
-      note.textContent = "";
-    } catch (error) {
-      note.textContent = `State and memory need the admin endpoints: ${error.message}`;
+    if (models.adminEndpoints === false) {
+      // Asking would only earn a 403 (which the browser logs as an error).
+      note.textContent =
+        "This server has no admin key (EMB_PROVIDER_ADMIN_KEY_HASHES): model state, memory, " +
+        "load and unload are not available here.";
       note.hidden = false;
+    } else {
+      try {
+        admin = (await call("GET", "/api/models", { admin: true })).data;
+        note.hidden = true;
+        note.textContent = "";
+      } catch (error) {
+        note.textContent = `State and memory need the admin endpoints: ${error.message}`;
+        note.hidden = false;
+      }
     }
     models.cards = cards;
     models.admin = admin ? new Map(admin.map((entry) => [entry.name, entry])) : null;
@@ -203,7 +212,9 @@
             "div",
             { class: "model-head" },
             el("h3", { text: card.id }),
-            el("div", { class: "actions" }, load, unload),
+            models.adminEndpoints === false
+              ? el("div", { class: "actions" })
+              : el("div", { class: "actions" }, load, unload),
           ),
           facts,
         ),
@@ -671,6 +682,7 @@
       return;
     }
     models.defaultModel = status.default_model;
+    models.adminEndpoints = status.admin_endpoints ?? null;
     $("status-device").textContent = status.device;
     $("status-ready").textContent = status.ready ? "yes" : "no (loading the default model)";
     $("status-uptime").textContent = formatSeconds(status.uptime_s);
