@@ -10,7 +10,8 @@ A prompt is prepended to the text and truncated with it, as ``encode(prompt_name
 
 Two forwards, chosen per model at load and named by ``backend``:
 
-- ``bert-unpadded`` (plain BERT): no padding in the dense layers (``bert_unpadded``).
+- ``bert-unpadded`` (BERT, RoBERTa, XLM-RoBERTa): no padding in the dense layers
+  (``bert_unpadded``).
 - ``length-grouped`` (every other family): the batch sorted by length and cut into groups
   whose padding is bounded, one padded transformers forward per group. A batch merged from
   many requests mixes lengths; one padded forward would spend most of its work on pad tokens,
