@@ -182,11 +182,16 @@ class TextEncoder:
                 skip = known if known is not None else self._prompt_length(prompt)
         tokenizer = self._truncating if truncate else self._full
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
-        # Usage counts the tokens pooled: a prompt the Pooling leaves out is not counted.
+        # Usage counts the tokens pooled: a prompt the Pooling leaves out is not counted, unless
+        # the whole is over the model's limit (truncation off), which the service then refuses.
         return [
             PreparedInput(
                 payload=TokenIds(np.asarray(enc.ids, dtype=np.int64), skip),
-                n_tokens=max(len(enc.ids) - skip, 0),
+                n_tokens=(
+                    len(enc.ids)
+                    if len(enc.ids) > self.max_input_tokens
+                    else max(len(enc.ids) - skip, 0)
+                ),
             )
             for enc in encodings
         ]
