@@ -17,7 +17,6 @@ plays EOS) through the tokenizer's post-processor and pad on the left, as Qwen3-
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -230,8 +229,3 @@ def _activation(path: str) -> torch.nn.Module:
         "torch.nn.modules.activation.SiLU": torch.nn.SiLU,
     }
     return names[path]()
-
-
-def describe(path: str | Path) -> dict[str, object]:
-    """The saved module list, for a look at what ``build`` wrote."""
-    return {"modules": json.loads((Path(path) / "modules.json").read_text(encoding="utf-8"))}

@@ -41,8 +41,8 @@ EXPECTED_BACKEND: dict[Family, str] = {
     "bert": "bert-unpadded",
     "mpnet": "length-grouped",
     "distilbert": "length-grouped",
-    "roberta": "length-grouped",
-    "xlm-roberta": "length-grouped",
+    "roberta": "bert-unpadded",
+    "xlm-roberta": "bert-unpadded",
     "modernbert": "length-grouped",
     "qwen2": "length-grouped",
     "qwen3": "length-grouped",
@@ -143,7 +143,7 @@ def test_dense_without_normalize_and_do_lower_case(tmp_path: Path, family: Famil
 def test_length_groups_equal_one_padded_forward(models: dict[Family, Path], family: Family) -> None:
     encoder = _load(models[family])
     if encoder.backend != "length-grouped":
-        pytest.skip("the unpadded forward is compared in test_text_encoder.py")
+        pytest.skip("test_unpadded_forward_equals_the_library_forward covers it")
     prepared = encoder.prepare([*TEXTS, *(text[:40] for text in TEXTS)], truncate=True)
     ids = [item.payload.ids for item in prepared if isinstance(item.payload, TokenIds)]
     skips = [0] * len(ids)
@@ -153,6 +153,29 @@ def test_length_groups_equal_one_padded_forward(models: dict[Family, Path], fami
         encoder.pad_share = 0.0  # as many groups as lengths
         grouped = encoder._encode_grouped(ids, skips)
     np.testing.assert_allclose(grouped.numpy(), whole.numpy(), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta"])
+@pytest.mark.parametrize("attention", ["grouped", "padded"])
+def test_unpadded_forward_equals_the_library_forward(
+    models: dict[Family, Path], family: Family, attention: str
+) -> None:
+    """The hand-written forward against one padded transformers forward, on both attention
+    layouts, with a text that holds the pad id (RoBERTa does not count it as a position)."""
+    encoder = _load(models[family])
+    assert encoder._unpadded is not None
+    encoder._unpadded.attention = attention  # type: ignore[assignment]
+    prepared = encoder.prepare(TEXTS, truncate=True)
+    ids = [item.payload.ids for item in prepared if isinstance(item.payload, TokenIds)]
+    ids.append(np.array([101, 2023, 0, 2003, 102], dtype=np.int64))  # 0: the pad id
+    encoder.pad_share = None
+    for mode in POOLING_MODES:
+        encoder.pooling = PoolingConfig((mode,), include_prompt=False)
+        skips = [1] * len(ids)
+        with torch.inference_mode():
+            unpadded = encoder._unpadded.pooled(ids, encoder._device, encoder._pool, skips)
+            library = encoder._encode_grouped(ids, skips)
+        np.testing.assert_allclose(unpadded.numpy(), library.numpy(), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

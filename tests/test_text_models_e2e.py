@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from sentence_transformers import SentenceTransformer
 
 from benchmarks.families import build
+from emb_model_provider.cli import main
 from emb_model_provider.services.models import ModelManager
 from tests.live import live_app, live_server, test_settings
 from tests.tiny_text_models import text_models_file, tiny_custom_code_model
@@ -190,3 +191,24 @@ def test_trust_remote_code_setting_is_the_default(tmp_path: Path) -> None:
     with live_server(settings) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert len(client.embeddings.create(model="custom", input="x").data[0].embedding) == 16
+
+
+def test_bulk_embed_gives_a_pinned_name_its_prompt(server: Server, tmp_path: Path) -> None:
+    """``emb-model-provider embed`` on the pinned name: the server's vectors for that name."""
+    texts = ["What is the capital of France?", "ünïcödé 日本語 🙂"]
+    source = tmp_path / "corpus.txt"
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    models_file = text_models_file(
+        tmp_path / "models.yaml",
+        [
+            {"name": "e5", "source": str(server.e5)},
+            {"name": "e5-query", "base": "e5", "prompt_name": "query"},
+        ],
+    )
+    output = tmp_path / "vectors.npy"
+    argv = ["embed", str(source), "-o", str(output), "--model", "e5-query"]
+    assert main([*argv, "--models-file", str(models_file), "--device", "cpu"]) == 0
+    reference = SentenceTransformer(str(server.e5), device="cpu")
+    _assert_same(
+        np.load(output), reference.encode(texts, prompt_name="query", normalize_embeddings=True)
+    )

@@ -15,7 +15,8 @@ router = APIRouter()
 
 
 def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
-    loaded = models.loaded(models.registry.weights(spec).name)
+    weights = models.registry.weights(spec)  # a prompt-pinned name's base
+    loaded = models.loaded(weights.name)
     encoder = loaded.encoder if loaded else None
     prompted = encoder if isinstance(encoder, PromptedEncoder) else None
     return ModelCard(
@@ -28,11 +29,11 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
         loaded=loaded is not None,
         aliases=list(spec.aliases),
         architecture=getattr(encoder, "architecture", None),
-        pooling=_pooling_name(encoder) or spec.pooling,
-        prompts=prompted.prompts if prompted else (dict(spec.prompts) or None),
+        pooling=_pooling_name(encoder) or weights.pooling,
+        prompts=prompted.prompts if prompted else (dict(weights.prompts) or None),
         default_prompt_name=(
             spec.prompt_name
-            or (prompted.default_prompt_name if prompted else spec.default_prompt_name)
+            or (prompted.default_prompt_name if prompted else weights.default_prompt_name)
         ),
         base=spec.base,
     )

@@ -21,7 +21,13 @@ from emb_model_provider.bulk.base import BulkError, ChunkResult, empty_vectors, 
 from emb_model_provider.bulk.records import ModelKind, Record
 from emb_model_provider.core.config import Settings
 from emb_model_provider.core.errors import BadInput, ConfigError, InvalidRequest, ProviderError
-from emb_model_provider.encoders.base import Encoder, LoadOptions, PreparedInput, Vectors
+from emb_model_provider.encoders.base import (
+    Encoder,
+    LoadOptions,
+    PreparedInput,
+    PromptedEncoder,
+    Vectors,
+)
 from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.registry import ModelSpec, Registry, build_encoder
 from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
@@ -82,15 +88,21 @@ class LocalConfig:
         return dataclasses.replace(base, **values)
 
     def spec(self) -> ModelSpec:
+        return self.specs()[0]
+
+    def specs(self) -> tuple[ModelSpec, ModelSpec]:
+        """The model's spec and the spec whose weights serve it (its base, for a name that
+        pins a prompt)."""
         try:
             registry = Registry.from_settings(Path(self.models_file) if self.models_file else None)
         except ConfigError as exc:
             raise BulkError(f"invalid models file: {exc.message}") from exc
         try:
-            return registry.get(self.model)
+            spec = registry.get(self.model)
         except ProviderError as exc:
             known = ", ".join(spec.name for spec in registry)
             raise BulkError(f"unknown model {self.model!r}; known: {known}") from exc
+        return spec, registry.weights(spec)
 
 
 class LocalEmbedder:
@@ -100,7 +112,7 @@ class LocalEmbedder:
         from emb_model_provider.core.device import resolve_placement
 
         self._config = config
-        self._spec = config.spec()
+        self._spec, weights = config.specs()
         try:
             placement = resolve_placement(config.device, config.dtype)
         except ConfigError as exc:
@@ -115,9 +127,20 @@ class LocalEmbedder:
             trust_remote_code=config.trust_remote_code,
         )
         try:
-            self._encoder: Encoder = build_encoder(self._spec, options)
+            self._encoder: Encoder = build_encoder(weights, options)
         except SourceError as exc:
             raise BulkError(f"cannot load model {self._spec.name}: {exc}") from exc
+        #: The prompt every text gets, as the server gives it: the name's pinned prompt, else
+        #: the model's default.
+        self._prompt: str | None = None
+        if isinstance(self._encoder, PromptedEncoder):
+            try:
+                self._prompt = self._encoder.prompt_text(self._spec.prompt_name)
+            except KeyError as exc:
+                raise BulkError(
+                    f"model {self._spec.name} pins the prompt {self._spec.prompt_name!r}, which "
+                    f"its model does not have ({', '.join(self._encoder.prompts) or 'none'})"
+                ) from exc
         native = self._encoder.dimensions
         if config.dimensions is not None and not 1 <= config.dimensions <= native:
             raise BulkError(
@@ -211,6 +234,11 @@ class LocalEmbedder:
             await loader.aclose()
         return {index: data for index, data in results if data is not None}
 
+    def _prepare_group(self, values: list[str | bytes]) -> list[PreparedInput]:
+        if self._prompt is not None and isinstance(self._encoder, PromptedEncoder):
+            return self._encoder.prepare(values, truncate=self._truncate, prompt=self._prompt)
+        return self._encoder.prepare(values, truncate=self._truncate)
+
     def _prepare(
         self, data: dict[int, str | bytes], errors: dict[int, str]
     ) -> dict[int, PreparedInput]:
@@ -221,12 +249,12 @@ class LocalEmbedder:
         for start in range(0, len(indices), size):
             group = indices[start : start + size]
             try:
-                items = self._encoder.prepare([data[i] for i in group], truncate=self._truncate)
+                items = self._prepare_group([data[i] for i in group])
                 prepared.update(zip(group, items, strict=True))
             except InvalidRequest:  # find which one, and keep the others
                 for index in group:
                     try:
-                        (item,) = self._encoder.prepare([data[index]], truncate=self._truncate)
+                        (item,) = self._prepare_group([data[index]])
                         prepared[index] = item
                     except InvalidRequest as exc:
                         errors[index] = exc.reason if isinstance(exc, BadInput) else exc.message

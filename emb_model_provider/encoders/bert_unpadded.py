@@ -36,11 +36,16 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 FlatPool = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+#: BERT and the families with BERT's layers: RoBERTa and XLM-RoBERTa differ only in numbering
+#: positions from ``pad_token_id + 1`` (transformers' ``create_position_ids_from_input_ids``).
+_FAMILIES = {"bert": False, "roberta": True, "xlm-roberta": True}
+
+
 def supports(model: PreTrainedModel) -> bool:
-    """Whether ``model`` is a plain BERT encoder this forward reproduces exactly."""
+    """Whether ``model`` is a plain BERT-style encoder this forward reproduces exactly."""
     config = model.config
     return (
-        getattr(config, "model_type", None) == "bert"
+        getattr(config, "model_type", None) in _FAMILIES
         and getattr(config, "position_embedding_type", "absolute") == "absolute"
         and not getattr(config, "is_decoder", False)
         and hasattr(model, "embeddings")
@@ -70,6 +75,10 @@ class UnpaddedBert:
         self._heads = int(bert.config.num_attention_heads)
         self._hidden = int(bert.config.hidden_size)
         self._embeddings: BertEmbeddings = bert.embeddings
+        #: RoBERTa-style positions: the pad id, from which real tokens' positions count.
+        self._padding_idx: int | None = (
+            int(bert.config.pad_token_id or 0) if _FAMILIES[str(bert.config.model_type)] else None
+        )
         self._layers = [cast(BertLayer, layer) for layer in bert.encoder.layer]
         # One GEMM for query, key and value instead of three.
         self._qkv = [
@@ -153,6 +162,12 @@ class UnpaddedBert:
         position = torch.arange(flat_ids.shape[0], device=device) - starts[sentence]
         slot = sentence * longest + position  # each token's row in the padded layout
 
+        if self._padding_idx is not None:
+            # As RoBERTa numbers them: real tokens (not the pad id) count up from pad id + 1.
+            real = flat_ids.ne(self._padding_idx).long()
+            counted = torch.cumsum(real, 0)
+            before = (counted - real)[starts][sentence]  # real tokens before the sentence
+            position = (counted - before) * real + self._padding_idx
         embeddings = self._embeddings
         hidden = (
             embeddings.word_embeddings(flat_ids)

@@ -10,7 +10,8 @@ A prompt is prepended to the text and truncated with it, as ``encode(prompt_name
 
 Two forwards, chosen per model at load and named by ``backend``:
 
-- ``bert-unpadded`` (plain BERT): no padding in the dense layers (``bert_unpadded``).
+- ``bert-unpadded`` (BERT, RoBERTa, XLM-RoBERTa): no padding in the dense layers
+  (``bert_unpadded``).
 - ``length-grouped`` (every other family): the batch sorted by length and cut into groups
   whose padding is bounded, one padded transformers forward per group. A batch merged from
   many requests mixes lengths; one padded forward would spend most of its work on pad tokens,
@@ -181,11 +182,16 @@ class TextEncoder:
                 skip = known if known is not None else self._prompt_length(prompt)
         tokenizer = self._truncating if truncate else self._full
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
-        # Usage counts the tokens pooled: a prompt the Pooling leaves out is not counted.
+        # Usage counts the tokens pooled: a prompt the Pooling leaves out is not counted, unless
+        # the whole is over the model's limit (truncation off), which the service then refuses.
         return [
             PreparedInput(
                 payload=TokenIds(np.asarray(enc.ids, dtype=np.int64), skip),
-                n_tokens=max(len(enc.ids) - skip, 0),
+                n_tokens=(
+                    len(enc.ids)
+                    if len(enc.ids) > self.max_input_tokens
+                    else max(len(enc.ids) - skip, 0)
+                ),
             )
             for enc in encodings
         ]
