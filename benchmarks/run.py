@@ -7,6 +7,8 @@
     uv run python benchmarks/run.py --write-docs    # also update docs/benchmarks.md and its PNG
     uv run python benchmarks/run.py --model DIR --scenarios raw,single,bulk,chatty --targets ours
                                                     # another sentence-transformers model directory
+    uv run python benchmarks/run.py --family mpnet --scenarios raw,single,bulk,chatty --targets ours
+                                                    # a full-size random-weight model of a family
 
 Every server is a subprocess on a free 127.0.0.1 port, started and stopped here. The load
 generator is this process (one asyncio loop, a minimal HTTP/1.1 keep-alive client on asyncio
@@ -86,6 +88,12 @@ def parse_args() -> argparse.Namespace:
         type=Path,
         help="a sentence-transformers model directory to measure instead of all-MiniLM-L6-v2 "
         "(raw and our targets; the image and repeat scenarios keep their own models)",
+    )
+    parser.add_argument(
+        "--family",
+        help="measure a full-size random-weight model of this text family instead "
+        "(benchmarks/families.py: bert, mpnet, distilbert, roberta, xlm-roberta, modernbert, "
+        "qwen2, qwen3), built for the run; speed does not depend on weight values",
     )
     parser.add_argument("--n-inputs", type=int, help="corpus inputs (default 2048, quick 512)")
     parser.add_argument(
@@ -254,6 +262,11 @@ def main() -> int:
     run_dir = BENCH / "results" / stamp
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if args.family:
+        from families import build
+
+        log(f"building a full-size {args.family} model with random weights")
+        args.model = build(args.family, run_dir / args.family, "full")
     model_dir, models_file = measured_model(args.model, plan, run_dir)
     corpus = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()][: plan.n_inputs]
     results: dict[str, Any] = {
