@@ -75,7 +75,9 @@ def test_text_family_on_cuda(text_models: dict[Family, Path], family: Family, dt
     )
     try:
         assert encoder.placement.startswith("cuda")
-        assert encoder.backend == ("bert-unpadded" if family == "bert" else "length-grouped")
+        assert encoder.backend == (
+            "bert-unpadded" if family in ("bert", "roberta", "xlm-roberta") else "length-grouped"
+        )
         assert encoder.pad_share is None  # the whole batch in one padded forward on a GPU
         batched = encoder.encode(encoder.prepare(TEXTS, truncate=True))
         single = np.concatenate(
