@@ -31,11 +31,14 @@ from emb_model_provider.encoders.base import Encoder
 BENCH = Path(__file__).resolve().parent
 
 
-def synchronized(device: str) -> Callable[[Callable[[], object]], float]:
-    """Seconds one call takes, the device's queued work included."""
+def synchronized(device: str, *, warm: bool) -> Callable[[Callable[[], object]], float]:
+    """Seconds one call takes, the device's queued work included; with ``warm``, after one
+    untimed call (a GPU picks and loads its kernels per new shape and dtype on first use)."""
     import torch
 
     def timed(run: Callable[[], object]) -> float:
+        if warm:
+            run()
         started = time.perf_counter()
         run()
         if device.startswith("cuda"):
@@ -46,12 +49,12 @@ def synchronized(device: str) -> Callable[[Callable[[], object]], float]:
 
 
 def reference_rates(
-    model_dir: str, corpus: list[str], orders: list[str], device: str
+    model_dir: str, corpus: list[str], orders: list[str], device: str, *, warm: bool
 ) -> tuple[Vectors, dict[str, float]]:
     """sentence-transformers float32: the normalised vectors and inputs/s per batch order."""
     from sentence_transformers import SentenceTransformer
 
-    timed = synchronized(device)
+    timed = synchronized(device, warm=warm)
     reference = SentenceTransformer(model_dir, device=device)
     reference.encode(corpus[:64], batch_size=32)
     vectors: list[Vectors] = []
@@ -72,10 +75,10 @@ def reference_rates(
 
 
 def measure(
-    encoder: Encoder, corpus: list[str], orders: list[str], device: str
+    encoder: Encoder, corpus: list[str], orders: list[str], device: str, *, warm: bool
 ) -> dict[str, tuple[float, Vectors]]:
     """Our encoder: inputs/s and normalised vectors per batch order."""
-    timed = synchronized(device)
+    timed = synchronized(device, warm=warm)
     prepared = encoder.prepare(corpus, truncate=True)
     batches = {
         "sorted": sorted(range(len(prepared)), key=lambda index: prepared[index].n_tokens),
@@ -104,6 +107,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a sentence-transformers directory")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--orders", default="sorted,corpus")
+    parser.add_argument("--warm", action="store_true", help="time each pass after an untimed one")
     args = parser.parse_args()
 
     import torch
@@ -121,7 +125,7 @@ def main() -> None:
     corpus = [json.loads(line)["text"] for line in lines]
     orders = [order.strip() for order in args.orders.split(",") if order.strip()]
 
-    ref, ref_rates = reference_rates(model_dir, corpus, orders, args.device)
+    ref, ref_rates = reference_rates(model_dir, corpus, orders, args.device, warm=args.warm)
     rows = [
         "| backend | batch order | inputs/s | ÷ sentence-transformers float32 "
         "| cosine to float32: min | mean |",
@@ -137,7 +141,9 @@ def main() -> None:
         encoder = build_encoder(spec, LoadOptions(device=args.device, dtype=dtype))
         encoder.warmup()
         backend = getattr(encoder, "backend", "?")
-        for order, (rate, out) in measure(encoder, corpus, orders, args.device).items():
+        for order, (rate, out) in measure(
+            encoder, corpus, orders, args.device, warm=args.warm
+        ).items():
             cosine = np.sum(out * ref, axis=1)
             rows.append(
                 f"| ours, {backend} forward, {dtype} | {order} | {rate:.1f} | "
