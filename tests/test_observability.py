@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from emb_model_provider.core.logging import JsonFormatter
-from tests.conftest import DEFAULT_MODEL
+from tests.conftest import DEFAULT_MODEL, AccessLog
 from tests.live import live_app, test_settings
 
 ORIGIN = "https://app.example"
@@ -26,31 +26,8 @@ T = TypeVar("T")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture(scope="module")
-def access_log() -> Iterator[_Records]:
-    logger = logging.getLogger("emb_model_provider.access")
-    handler = _Records()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-@pytest.fixture(scope="module")
-def served(access_log: _Records) -> Iterator[tuple[str, FastAPI]]:
+def served(access_log: AccessLog) -> Iterator[tuple[str, FastAPI]]:
     with live_app(test_settings(cors_origins=f"{ORIGIN}, http://localhost:3000")) as pair:
         yield pair
 
@@ -196,7 +173,7 @@ def test_separate_apps_keep_separate_registries(served: tuple[str, FastAPI]) -> 
 
 
 def test_one_json_access_line_per_request(
-    served: tuple[str, FastAPI], access_log: _Records
+    served: tuple[str, FastAPI], access_log: AccessLog
 ) -> None:
     secret = "a confidential sentence that must never reach a log"
     reply = _client(served[0], **{"X-Request-ID": "log-check-1"}).embeddings.create(
@@ -226,7 +203,7 @@ def test_one_json_access_line_per_request(
     assert secret not in record.getMessage()
 
 
-def test_errors_are_logged_with_their_status(http: httpx.Client, access_log: _Records) -> None:
+def test_errors_are_logged_with_their_status(http: httpx.Client, access_log: AccessLog) -> None:
     http.post("/v1/embeddings", json={"model": DEFAULT_MODEL}, headers={"X-Request-ID": "e-400"})
 
     def line() -> logging.LogRecord | None:

@@ -8,7 +8,6 @@ import asyncio
 import gzip
 import io
 import json
-import logging
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from emb_model_provider.api.middleware import UNTRACED_PATHS
 from emb_model_provider.batching import DynamicBatcher
 from emb_model_provider.core import tracing
 from emb_model_provider.encoders.base import PreparedInput, Vectors
+from tests.conftest import AccessLog
 from tests.live import live_app, test_settings
 from tests.tiny_models import image_models_file, tiny_dinov3_vit
 
@@ -173,29 +173,6 @@ def image_host() -> Iterator[str]:
         thread.join(10)
 
 
-class _AccessLog(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture(scope="module")
-def access_log() -> Iterator[_AccessLog]:
-    logger = logging.getLogger("emb_model_provider.access")
-    handler = _AccessLog()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[OtlpReceiver]:
     with OtlpReceiver() as running:
@@ -204,7 +181,7 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def served(
-    receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory, access_log: _AccessLog
+    receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory, access_log: AccessLog
 ) -> Iterator[tuple[str, FastAPI]]:
     """A server whose tracing is turned on by the standard variable alone, exporting every
     50 ms (OTEL_BSP_SCHEDULE_DELAY) to the receiver; the SDK reads the OTEL_* variables."""
@@ -245,7 +222,7 @@ def _server_span_done(trace_id: str, route: str) -> Callable[[list[Received]], b
 
 
 def test_one_request_gives_its_spans_with_links_and_the_callers_trace(
-    client: openai.OpenAI, receiver: OtlpReceiver, access_log: _AccessLog
+    client: openai.OpenAI, receiver: OtlpReceiver, access_log: AccessLog
 ) -> None:
     raw = client.embeddings.with_raw_response.create(
         model="all-MiniLM-L6-v2",

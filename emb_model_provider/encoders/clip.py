@@ -33,6 +33,7 @@ from transformers import AutoModel, AutoProcessor, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput, ContextLengthExceeded
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
+from emb_model_provider.encoders.image import blank_image, blank_png
 from emb_model_provider.encoders.runtime import (
     oom_releases_cache,
     release,
@@ -119,7 +120,7 @@ class MultimodalEncoder:
         # A fast tokenizer's truncation and padding are set on the shared Rust tokenizer on each
         # call, so two threads tokenising at once would race.
         self._text_lock = threading.Lock()
-        probe = [payload for payload, _ in self._preprocess([_blank_image()])]
+        probe = [payload for payload, _ in self._preprocess([blank_image()])]
         image_rows, self.image_positions = self._image_features(probe)
         text_rows = self._text_forward(
             [cast(TextPayload, self._texts(["a"], truncate=True)[0].payload)]
@@ -278,7 +279,7 @@ class MultimodalEncoder:
             return _rows(output.pooler_output), int(positions)
 
     def warmup(self) -> None:
-        self.encode(self.prepare(["warm up", _blank_png(), "warm up the encoder"], truncate=True))
+        self.encode(self.prepare(["warm up", blank_png(), "warm up the encoder"], truncate=True))
 
     def close(self) -> None:
         with self._forward_lock:
@@ -295,22 +296,6 @@ class _TooLong(Exception):
 def _rows(features: torch.Tensor) -> Vectors:
     rows: Vectors = features.float().cpu().numpy().astype(np.float32, copy=False)
     return rows
-
-
-def _blank_image() -> object:
-    from PIL import Image
-
-    return Image.new("RGB", (224, 224), (127, 127, 127))
-
-
-def _blank_png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 100, 50)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def load_multimodal_encoder(

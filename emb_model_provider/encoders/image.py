@@ -60,7 +60,7 @@ class ImageEncoder:
         self.placement = f"{device} ({str(dtype).removeprefix('torch.')})"
         self.memory_bytes = weight_bytes(model)
         self._forward_lock = threading.Lock()
-        probe = self._forward(preprocess([_blank_image()]))
+        probe = self._forward(preprocess([blank_image()]))
         self.dimensions = int(probe[1].shape[1])
         self.max_input_tokens = int(probe[0])
 
@@ -98,20 +98,22 @@ class ImageEncoder:
             return int(output.last_hidden_state.shape[1]), vectors
 
     def warmup(self) -> None:
-        self.encode(self.prepare([_blank_png()] * 2, truncate=True))
+        self.encode(self.prepare([blank_png()] * 2, truncate=True))
 
     def close(self) -> None:
         with self._forward_lock:
             release(self._model, self._device)
 
 
-def _blank_image() -> object:
+def blank_image() -> object:
+    """A mid-grey 224 x 224 image: probes a model's output shape at load."""
     from PIL import Image
 
     return Image.new("RGB", (224, 224), (127, 127, 127))
 
 
-def _blank_png() -> bytes:
+def blank_png() -> bytes:
+    """A small PNG for warm-ups: through the same decoding as a request's image."""
     import io
 
     from PIL import Image
