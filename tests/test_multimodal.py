@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import numpy as np
@@ -29,11 +29,14 @@ from emb_model_provider.services.embedding_service import EmbeddingService, Requ
 from tests.live import live_server, test_settings
 from tests.test_cache import cache_status
 from tests.test_image_embeddings import (
+    _assert_same_direction,
     _decoded,
     _encode,
     _jpeg_exif_rotated,
     _png_rgb,
     _rgb_image,
+    _sdk,
+    _vectors,
 )
 from tests.tiny_models import tiny_dinov3_vit
 from tests.tiny_multimodal import BUILDERS
@@ -173,23 +176,6 @@ def _uri(data: bytes, media_type: str = "image/png") -> str:
     return f"data:{media_type};base64,{_b64(data)}"
 
 
-def _sdk(value: object) -> list[str]:
-    """The SDK's `input` type knows only text and tokens; the server also takes {"image": ...}."""
-    return cast("list[str]", value)
-
-
-def _vectors(response: openai.types.CreateEmbeddingResponse) -> np.ndarray:
-    assert [item.index for item in response.data] == list(range(len(response.data)))
-    return np.array([item.embedding for item in response.data], dtype=np.float64)
-
-
-def _assert_same(got: np.ndarray, expected: np.ndarray) -> None:
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
-    cosines = np.sum(got * expected, axis=-1) / np.linalg.norm(expected, axis=-1)
-    assert np.all(cosines >= MIN_COSINE), cosines
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_texts_match_transformers(
     client: openai.OpenAI, references: dict[str, Reference], family: str
@@ -199,13 +185,13 @@ def test_texts_match_transformers(
     expected = reference.texts(texts)
     # The SDK's default: base64 float32.
     response = client.embeddings.create(model=f"tiny-{family}", input=texts)
-    _assert_same(_vectors(response), expected)
+    _assert_same_direction(_vectors(response), expected)
     assert response.usage.prompt_tokens == reference.text_tokens(texts)
     floats = client.embeddings.create(model=f"tiny-{family}", input=texts, encoding_format="float")
-    _assert_same(_vectors(floats), expected)
+    _assert_same_direction(_vectors(floats), expected)
     # One at a time equals the batch (fixed-length padding for SigLIP, per batch for CLIP).
     single = client.embeddings.create(model=f"tiny-{family}", input=texts[1])
-    _assert_same(_vectors(single), expected[1:2])
+    _assert_same_direction(_vectors(single), expected[1:2])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -227,7 +213,7 @@ def test_images_match_transformers(
     ]
     images = [png, jpeg, png, remote]
     response = client.embeddings.create(model=f"tiny-{family}", input=_sdk(inputs))
-    _assert_same(_vectors(response), reference.images(images))
+    _assert_same_direction(_vectors(response), reference.images(images))
     assert response.usage.prompt_tokens == reference.image_tokens(images)
 
 
@@ -251,14 +237,14 @@ def test_mixed_request_keeps_input_order(
     images = reference.images([png, jpeg, files["/cat.png"]])
     expected = np.stack([texts[0], images[0], texts[1], images[1], texts[2], images[2]])
     response = client.embeddings.create(model=f"tiny-{family}", input=_sdk(inputs))
-    _assert_same(_vectors(response), expected)
+    _assert_same_direction(_vectors(response), expected)
     tokens = reference.text_tokens(["a photo of a cat", url, LONG_TEXT])
     tokens += reference.image_tokens([png, jpeg, files["/cat.png"]])
     assert response.usage.prompt_tokens == tokens
     # Again: the result cache answers every input, in the same order and with the same usage.
     before = cache_status(server_url)["hits"]
     again = client.embeddings.create(model=f"tiny-{family}", input=_sdk(inputs))
-    _assert_same(_vectors(again), expected)
+    _assert_same_direction(_vectors(again), expected)
     assert again.usage.prompt_tokens == tokens
     assert cache_status(server_url)["hits"] == before + len(inputs)  # type: ignore[operator]
 
@@ -272,7 +258,7 @@ def test_dimensions_are_renormalised_prefixes(
         model="tiny-clip", input=_sdk(["a dog", {"image": _uri(png)}]), dimensions=8
     )
     full = np.concatenate([reference.texts(["a dog"]), reference.images([png])])[:, :8]
-    _assert_same(_vectors(response), full / np.linalg.norm(full, axis=-1, keepdims=True))
+    _assert_same_direction(_vectors(response), full / np.linalg.norm(full, axis=-1, keepdims=True))
 
 
 def test_concurrent_requests_merged_in_batches_keep_their_vectors(
@@ -301,7 +287,7 @@ def test_concurrent_requests_merged_in_batches_keep_their_vectors(
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(send, requests))
     for got, want in zip(results, expected, strict=True):
-        _assert_same(got, want)
+        _assert_same_direction(got, want)
 
 
 def test_images_api_takes_multimodal_models(
@@ -320,7 +306,7 @@ def test_images_api_takes_multimodal_models(
     body = response.json()
     assert body["ids"] == [0, 1]
     assert body["dim"] == 32
-    _assert_same(np.asarray(body["embeddings"]), references["siglip"].images(images))
+    _assert_same_direction(np.asarray(body["embeddings"]), references["siglip"].images(images))
 
 
 def test_text_models_refuse_images_and_image_models_refuse_text(client: openai.OpenAI) -> None:
@@ -415,7 +401,7 @@ def test_batch_api_lines_with_mixed_inputs(
         "text": references["siglip"].texts(["a dog"]),
     }
     for key, want in expected.items():
-        _assert_same(np.stack(outputs[key]).astype(np.float64), want)
+        _assert_same_direction(np.stack(outputs[key]).astype(np.float64), want)
 
 
 def test_models_list_the_modality(client: openai.OpenAI) -> None:
@@ -477,7 +463,7 @@ def test_benchmark_model_builder_smoke(tmp_path: Path) -> None:
     ours = encoder.encode(encoder.prepare([*texts, *images], truncate=True))
     ours /= np.linalg.norm(ours, axis=-1, keepdims=True)
     expected = np.concatenate([raw.texts(texts), raw.images(images)])
-    _assert_same(ours.astype(np.float64), expected)
+    _assert_same_direction(ours.astype(np.float64), expected)
     encoder.close()
 
 
@@ -514,4 +500,4 @@ def test_token_arrays_are_decoded_to_text(
     """As for text models: cl100k_base ids (LangChain's default) are decoded and embedded as the
     text they stand for ("The quick brown fox")."""
     response = client.embeddings.create(model="tiny-siglip", input=[[791, 4062, 14198, 39935]])
-    _assert_same(_vectors(response), references["siglip"].texts(["The quick brown fox"]))
+    _assert_same_direction(_vectors(response), references["siglip"].texts(["The quick brown fox"]))
