@@ -18,8 +18,9 @@ interactive input is waiting, one (smaller) batch at a time: an online request a
 bulk job waits at most for the one background batch already running.
 
 When the request is traced (``core/tracing.py``), its inputs carry its span context into the
-queue; each forward pass is a span linked to every request it served, and each request gets a
-queue-wait span linked back to it.
+queue; each forward pass is a span linked to every request it served, and each request, once
+answered, writes its queue-wait span linked back to it (on its own thread: the model thread
+only notes which forward served each input, and when it started).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class _Item:
     enqueued_s: float  # time.perf_counter() when queued
     origin: tracing.Origin | None  # the traced request that queued it
     deferred: bool = False  # held back once to fill a later batch
+    #: The traced forward that first ran it, and when it started (ns since the epoch).
+    served: tracing.Served | None = None
 
 
 def _resolve(future: asyncio.Future[Vectors], result: Vectors | BaseException) -> None:
@@ -171,6 +174,8 @@ class DynamicBatcher:
         finally:
             for item in items:  # after an error or cancellation, the rest need not run
                 item.future.cancel()
+            if origin is not None:
+                tracing.queue_waits(origin, [i.served for i in items if i.served is not None])
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new inputs, finish the accepted ones, end the worker."""
@@ -257,11 +262,11 @@ class DynamicBatcher:
         origins = [item.origin for item in batch if item.origin is not None]
         try:
             if origins:
-                with tracing.forward_span(
-                    origins,
-                    self._forward_attributes(batch),
-                    started_ns=time.time_ns() if first else None,
-                ):
+                started_ns = time.time_ns()
+                with tracing.forward_span(origins, self._forward_attributes(batch)) as forward:
+                    if first:  # a retry in halves is not where the inputs stopped waiting
+                        for item in batch:
+                            item.served = (forward, started_ns)
                     vectors = self._encode([item.prepared for item in batch])
             else:
                 vectors = self._encode([item.prepared for item in batch])

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
-from opentelemetry.trace import Tracer
 from starlette.applications import Starlette
 
 from emb_model_provider import __version__
@@ -24,7 +23,7 @@ from emb_model_provider.api.metrics import install_observability
 from emb_model_provider.core.config import Settings
 from emb_model_provider.core.device import Placement, accelerator_memory, resolve_placement
 from emb_model_provider.core.errors import ConfigError, ProviderError
-from emb_model_provider.core.tracing import start_tracing
+from emb_model_provider.core.tracing import AppTracer, start_tracing
 from emb_model_provider.encoders.base import LoadOptions
 from emb_model_provider.registry import ModelSpec, Registry
 from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
@@ -101,7 +100,7 @@ def _result_cache(settings: Settings) -> ResultCache:
     return ResultCache(backend)
 
 
-def _install_tracing(app: FastAPI, settings: Settings) -> Tracer | None:
+def _install_tracing(app: FastAPI, settings: Settings) -> AppTracer | None:
     """The app's tracer when tracing is on (``app.state.tracing``), flushed and stopped after
     everything else at shutdown. Off: no SDK import, no provider, no exporter."""
     if not settings.tracing_enabled():

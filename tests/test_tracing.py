@@ -62,6 +62,8 @@ class Received:
     links: tuple[tuple[str, str], ...]
     status: int
     resource: dict[str, object]
+    start_ns: int
+    end_ns: int
 
     @classmethod
     def of(cls, span: ProtoSpan, resource: dict[str, object]) -> Received:
@@ -75,6 +77,8 @@ class Received:
             links=tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links),
             status=span.status.code,
             resource=resource,
+            start_ns=span.start_time_unix_nano,
+            end_ns=span.end_time_unix_nano,
         )
 
 
@@ -252,20 +256,21 @@ def test_one_request_gives_its_spans_with_links_and_the_callers_trace(
     assert attributes["gen_ai.request.model"] == "all-MiniLM-L6-v2"
     assert attributes["gen_ai.usage.input_tokens"] == raw.parse().usage.prompt_tokens
 
+    assert not [span for span in spans if span.name == "embeddings.embed"]  # no longer written
     checks = _one(spans, "embeddings.check_inputs")
-    embed = _one(spans, "embeddings.embed")
-    assert checks.parent_id == embed.parent_id == server.span_id
+    assert checks.parent_id == server.span_id
     lookup = _one(spans, "cache.lookup")
-    assert lookup.parent_id == embed.span_id
+    assert lookup.parent_id == server.span_id
     # Three inputs, two distinct, none cached yet: the model computes the two.
     assert lookup.attributes["emb.cache.hits"] == 0
     assert lookup.attributes["emb.cache.misses"] == 3
     assert lookup.attributes["emb.cache.computed"] == 2
     tokenize = _one(spans, "embeddings.tokenize")
-    assert tokenize.parent_id == embed.span_id
+    assert tokenize.parent_id == server.span_id
     assert tokenize.attributes["emb.inputs"] == 2
     wait = _one(spans, "batcher.queue_wait")
-    assert wait.parent_id == embed.span_id
+    assert wait.parent_id == server.span_id
+    assert tokenize.end_ns <= wait.start_ns <= wait.end_ns  # queued once tokenised
 
     # The forward pass is a trace of its own, linked to the request, and the wait back to it.
     assert len(wait.links) == 1
@@ -277,7 +282,8 @@ def test_one_request_gives_its_spans_with_links_and_the_callers_trace(
     assert forward.name == "model.forward"
     assert forward.trace_id == forward_trace != TRACE_ID
     assert forward.parent_id == ""
-    assert (TRACE_ID, embed.span_id) in forward.links
+    assert (TRACE_ID, server.span_id) in forward.links
+    assert forward.start_ns >= wait.end_ns  # the wait ends where the forward starts
     assert forward.attributes["emb.model"] == "all-MiniLM-L6-v2"
     assert forward.attributes["emb.batch.size"] == 2
     assert forward.attributes["emb.batch.tokens"] == tokenize.attributes["emb.tokens"]
@@ -347,8 +353,8 @@ def test_image_fetches_are_spans_with_the_host_and_no_query(
         f"{image_host}/b.png",
     ]
     assert all(SECRET_QUERY not in repr(span.attributes) for span in spans)
-    embed = _one(spans, "embeddings.embed")
-    assert _one(spans, "embeddings.preprocess_images").parent_id == embed.span_id
+    server = _one(spans, "POST /v1/embeddings")
+    assert _one(spans, "embeddings.preprocess_images").parent_id == server.span_id
 
     # The batch-first image API: the same spans under its own route.
     other = "7bf92f3577b34da6a3ce929d0e0e4736"
@@ -421,12 +427,12 @@ def test_batch_api_lines_are_traced(client: openai.OpenAI, receiver: OtlpReceive
         assert line.parent_id == ""  # each line is a trace of its own
         assert line.attributes["emb.batch.line.status_code"] == 200
         of_line = _of_trace(line.trace_id)(spans)
-        embed = _one(of_line, "embeddings.embed")
-        assert embed.parent_id == line.span_id
+        assert _one(of_line, "embeddings.check_inputs").parent_id == line.span_id
         wait = _one(of_line, "batcher.queue_wait")
+        assert wait.parent_id == line.span_id
         forward_id = wait.links[0][1]
         forward = next(span for span in spans if span.span_id == forward_id)
-        assert (line.trace_id, embed.span_id) in forward.links
+        assert (line.trace_id, line.span_id) in forward.links
 
 
 # -- the batcher: one forward, two clients ------------------------------------------------------
@@ -557,7 +563,7 @@ def test_with_tracing_off_no_sdk_provider_or_exporter_is_built(
 
 def test_a_request_the_sampler_leaves_out_queues_no_origin(receiver: OtlpReceiver) -> None:
     """OTEL_TRACES_SAMPLER is the SDK's: sampled out, a request's inputs carry no origin, so the
-    batcher writes no forward span for it."""
+    batcher writes no forward span for it, and its steps write no leaf span."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url)
         env.setenv("OTEL_TRACES_SAMPLER", "always_off")
@@ -568,6 +574,8 @@ def test_a_request_the_sampler_leaves_out_queues_no_origin(receiver: OtlpReceive
             assert span is not None and not span.is_recording()
             assert tracing.origin() is None
             assert tracing.trace_id(span) is not None  # the access log still gets the trace id
+            with tracing.leaf("a step") as step:
+                assert step is None
     finally:
         tracing.deactivate(token)
         traced.shutdown()
@@ -577,3 +585,37 @@ def test_untraced_code_gets_no_span() -> None:
     assert tracing.origin() is None
     with tracing.span("nothing") as span:
         assert span is None
+    with tracing.leaf("nothing") as step:
+        assert step is None
+
+
+def test_a_leaf_span_is_the_child_of_the_current_one_and_records_its_error(
+    receiver: OtlpReceiver,
+) -> None:
+    """``leaf`` writes its span itself: parent, times, attributes, and an exception as the SDK's
+    spans record one (status error, an ``exception`` event)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url)
+        traced = tracing.start_tracing("test")
+    token = tracing.activate(traced.tracer)
+    try:
+        with tracing.span("a parent") as parent:
+            assert parent is not None
+            with tracing.leaf("fine", {"emb.inputs": 2}) as step:
+                assert step is not None
+                step.set_attribute("emb.tokens", 7)
+            with pytest.raises(ValueError, match="no good"), tracing.leaf("broken"):
+                raise ValueError("no good")
+    finally:
+        tracing.deactivate(token)
+        traced.shutdown()  # flushes
+    spans = receiver.wait_for("leaf spans", lambda found: len(found) >= 3)
+    top = _one(spans, "a parent")
+    fine, broken = _one(spans, "fine"), _one(spans, "broken")
+    assert fine.trace_id == broken.trace_id == top.trace_id
+    assert fine.parent_id == broken.parent_id == top.span_id
+    assert fine.attributes == {"emb.inputs": 2, "emb.tokens": 7}
+    assert top.start_ns <= fine.start_ns <= fine.end_ns <= broken.start_ns <= top.end_ns
+    assert fine.status == Status.STATUS_CODE_UNSET
+    assert broken.status == Status.STATUS_CODE_ERROR
+    assert fine.resource == top.resource

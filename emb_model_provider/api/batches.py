@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
-from opentelemetry.trace import Tracer
 from starlette.applications import Starlette
 
 from emb_model_provider.api import files
@@ -18,6 +17,7 @@ from emb_model_provider.api.files import JobsDep, OwnerDep
 from emb_model_provider.batch.protocol import BatchList, BatchObject, CreateBatchRequest
 from emb_model_provider.batch.runner import BatchRunner
 from emb_model_provider.batch.service import BatchJobs, FileLimits
+from emb_model_provider.core import tracing
 from emb_model_provider.core.config import Settings
 from emb_model_provider.protocol import ErrorResponse
 from emb_model_provider.registry import Registry
@@ -73,7 +73,7 @@ def install_batch_api(
     settings: Settings,
     service: EmbeddingService,
     registry: Registry,
-    tracer: Tracer | None = None,
+    tracer: tracing.AppTracer | None = None,
 ) -> BatchJobs:
     """The Files and Batch routes, ``app.state.batch_jobs``, and the job runner in the app's
     lifespan: it starts after the app's own start-up (resuming the jobs a previous process left

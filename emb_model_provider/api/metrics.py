@@ -4,9 +4,9 @@ the one call that installs the observability and limits middleware."""
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from opentelemetry.trace import Tracer
 
 from emb_model_provider.api.middleware import install_middleware
+from emb_model_provider.core import tracing
 from emb_model_provider.core.config import Settings
 from emb_model_provider.services.cache import ResultCache
 from emb_model_provider.services.metrics import MemoryReader, Metrics
@@ -29,7 +29,7 @@ def install_observability(
     accelerator_memory: MemoryReader | None,
     cache: ResultCache | None = None,
     *,
-    tracer: Tracer | None = None,
+    tracer: tracing.AppTracer | None = None,
 ) -> None:
     """Metrics (when on), /metrics, and the middleware stack of ``api/middleware.py`` (with the
     request spans when ``tracer`` is given)."""

@@ -31,7 +31,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI
-from opentelemetry.trace import Span, StatusCode, Tracer
+from opentelemetry.trace import Span, StatusCode
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
@@ -83,7 +83,7 @@ class RequestContextMiddleware:
         *,
         metrics: Metrics | None,
         access_log: bool,
-        tracer: Tracer | None = None,
+        tracer: tracing.AppTracer | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -332,7 +332,11 @@ class TimeoutMiddleware:
 
 
 def install_middleware(
-    app: FastAPI, settings: Settings, metrics: Metrics | None, *, tracer: Tracer | None = None
+    app: FastAPI,
+    settings: Settings,
+    metrics: Metrics | None,
+    *,
+    tracer: tracing.AppTracer | None = None,
 ) -> None:
     """Add the stack above; ``add_middleware`` puts each new layer outside the previous ones."""
     if settings.gzip_min_bytes > 0:

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
-from opentelemetry.trace import Tracer
 from pydantic import ValidationError
 
 from emb_model_provider.batch.protocol import (
@@ -95,7 +94,7 @@ class BatchRunner:
         max_concurrent_jobs: int,
         line_concurrency: int,
         housekeeping_interval_s: float = 30.0,
-        tracer: Tracer | None = None,
+        tracer: tracing.AppTracer | None = None,
     ) -> None:
         self._jobs = jobs
         self._service = service

@@ -5,15 +5,27 @@ SDK imported and a ``TracerProvider`` with an OTLP/HTTP exporter built. The SDK 
 ``OTEL_*`` variables itself (endpoint, headers, timeout, service name, resource attributes,
 sampler, batch processor delays), so this module invents none.
 
-The tracer is not installed globally: each app has its own (tests run several apps in one
-process, and the global provider can be set only once). The HTTP middleware, and the Batch API
-runner for its lines, put it in a ``ContextVar``; asyncio tasks and ``asyncio.to_thread`` copy
+The tracer is not installed globally: each app has its own ``AppTracer`` (tests run several apps
+in one process, and the global provider can be set only once). The HTTP middleware, and the Batch
+API runner for its lines, put it in a ``ContextVar``; asyncio tasks and ``asyncio.to_thread`` copy
 it, so the service, the cache and the image fetches find it without a parameter, and find
 ``None`` (no span, nothing allocated) when tracing is off or the work is not traced.
 
+Two kinds of span. ``span`` is the SDK's own, made current for the block, for spans that have
+children or run seldom (a Batch API line, an image fetch). ``leaf`` is for the short steps every
+request takes (input checks, tokenisation, the cache lookup) and the queue wait: spans without
+children whose start and end this module times itself, handed finished to the same
+``BatchSpanProcessor`` and OTLP exporter as ``ReadableSpan``s. They skip what a leaf does not
+need: making the span current, the sampler (a leaf is recorded exactly when its parent is, which
+is what the default parent-based sampler decides), the attribute locks and the copy the SDK makes
+of every span when it ends. With every request traced and exported, the SDK span took ~4 of the
+~5 % that a leaf-only request costs (measured in ``benchmarks/run.py --targets ours,ours-traced``
+with 64 one-input clients on 2 cores: ``docs/operations.md``).
+
 The batcher's worker thread has no request context: each queued input carries an ``Origin``
 (tracer, the span that queued it, when) and the forward pass becomes a span of its own trace,
-linked to every request it served; each request's queue-wait span links back to it.
+linked to every request it served. Each request writes its queue-wait span itself once its
+vectors are back, on its own thread rather than the model's, linked back to the forward.
 
 Only opentelemetry-api is imported at module level, so the services and the batcher may use this
 floor without pulling the SDK in.
@@ -26,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from typing import Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -37,9 +50,38 @@ TRACER_NAME = "emb_model_provider"
 DEFAULT_SERVICE_NAME = "emb-model-provider"
 
 Attributes = Mapping[str, AttributeValue]
+#: The forward that served a queued input: its span context, and when it started (ns since the
+#: epoch).
+Served = tuple[SpanContext, int]
 
-_TRACER: ContextVar[Tracer | None] = ContextVar("emb_model_provider_tracer", default=None)
-#: What ``span`` returns when nothing is traced: reusable, it holds no state.
+
+class RecordLeaf(Protocol):
+    """Hands a finished leaf span, a child of ``parent``, to the exporter; ``error`` is the
+    exception that ended it, if one did."""
+
+    def __call__(
+        self,
+        name: str,
+        parent: SpanContext,
+        start_ns: int,
+        end_ns: int,
+        attributes: Attributes,
+        *,
+        links: Sequence[Link] = (),
+        error: Exception | None = None,
+    ) -> None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class AppTracer:
+    """An app's SDK tracer, and how its leaf spans are written (``leaf``)."""
+
+    sdk: Tracer
+    record: RecordLeaf
+
+
+_TRACER: ContextVar[AppTracer | None] = ContextVar("emb_model_provider_tracer", default=None)
+#: What ``span`` and ``leaf`` return when nothing is traced: reusable, it holds no state.
 _NO_SPAN: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
@@ -47,7 +89,7 @@ _NO_SPAN: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 class Tracing:
     """An app's tracer and how to flush and stop its exporter (at shutdown)."""
 
-    tracer: Tracer
+    tracer: AppTracer
     shutdown: Callable[[], None]
 
 
@@ -56,25 +98,90 @@ def start_tracing(service_version: str) -> Tracing:
     by the standard ``OTEL_*`` variables."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import Status, StatusCode
 
     resource = Resource.create({SERVICE_VERSION: service_version})
     # Resource.create falls back to "unknown_service:<executable>" when the environment names no
     # service; ours is a better fallback, and an OTEL_SERVICE_NAME still wins.
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return Tracing(provider.get_tracer(TRACER_NAME, service_version), provider.shutdown)
+
+    class HashedOnce(Resource):
+        """The resource, hashed once. The OTLP encoder groups every span it exports by resource,
+        and ``Resource.__hash__`` serialises all the attributes to JSON on each call: 4.5 µs a
+        span, a third of what encoding a leaf span costs. A resource does not change."""
+
+        def __init__(self, source: Resource) -> None:
+            super().__init__(source.attributes, source.schema_url)
+            self._hash = super().__hash__()
+
+        def __hash__(self) -> int:
+            return self._hash
+
+    resource = HashedOnce(resource)
+    ids = RandomIdGenerator()
+    # The sampler comes from OTEL_TRACES_SAMPLER.
+    provider = TracerProvider(resource=resource, id_generator=ids)
+    processor = BatchSpanProcessor(OTLPSpanExporter())
+    provider.add_span_processor(processor)
+    scope = InstrumentationScope(TRACER_NAME, service_version)
+    unset = Status(StatusCode.UNSET)
+
+    def record(
+        name: str,
+        parent: SpanContext,
+        start_ns: int,
+        end_ns: int,
+        attributes: Attributes,
+        *,
+        links: Sequence[Link] = (),
+        error: Exception | None = None,
+    ) -> None:
+        status: Status = unset
+        events: tuple[Event, ...] = ()
+        if error is not None:  # what the SDK's span records for an exception leaving it
+            kind = type(error).__qualname__
+            status = Status(StatusCode.ERROR, f"{kind}: {error}")
+            exception = {"exception.type": kind, "exception.message": str(error)}
+            events = (Event("exception", exception, end_ns),)
+        context = SpanContext(
+            parent.trace_id,
+            ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=parent.trace_flags,
+            trace_state=parent.trace_state,
+        )
+        processor.on_end(
+            ReadableSpan(
+                name,
+                context,
+                parent,
+                resource,
+                attributes,
+                events,
+                links,
+                SpanKind.INTERNAL,
+                status=status,
+                start_time=start_ns,
+                end_time=end_ns,
+                instrumentation_scope=scope,
+            )
+        )
+
+    tracer = AppTracer(provider.get_tracer(TRACER_NAME, service_version), record)
+    return Tracing(tracer, provider.shutdown)
 
 
-def activate(tracer: Tracer | None) -> Token[Tracer | None]:
+def activate(tracer: AppTracer | None) -> Token[AppTracer | None]:
     """Trace the current task (and the tasks and threads it starts) with ``tracer``."""
     return _TRACER.set(tracer)
 
 
-def deactivate(token: Token[Tracer | None]) -> None:
+def deactivate(token: Token[AppTracer | None]) -> None:
     _TRACER.reset(token)
 
 
@@ -90,12 +197,53 @@ def span(
     tracer = _TRACER.get()
     if tracer is None:
         return _NO_SPAN
-    return tracer.start_as_current_span(name, attributes=attributes, kind=kind)
+    return tracer.sdk.start_as_current_span(name, attributes=attributes, kind=kind)
+
+
+class Leaf:
+    """A leaf span being timed; attributes set before the block ends go on it."""
+
+    __slots__ = ("attributes",)
+
+    def __init__(self, attributes: Attributes | None) -> None:
+        self.attributes: dict[str, AttributeValue] = dict(attributes or {})
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        self.attributes[key] = value
+
+    def set_attributes(self, attributes: Attributes) -> None:
+        self.attributes.update(attributes)
+
+
+def leaf(
+    name: str, attributes: Attributes | None = None
+) -> contextlib.AbstractContextManager[Leaf | None]:
+    """A child of the current span for the ``with`` block, which opens no span of its own
+    (``None`` when nothing is traced, or the current span is not recorded); an exception leaving
+    the block is recorded on it and sets its status to error."""
+    tracer = _TRACER.get()
+    if tracer is None:
+        return _NO_SPAN
+    parent = trace.get_current_span()
+    if not parent.is_recording():
+        return _NO_SPAN
+    return _timed(tracer, name, parent.get_span_context(), Leaf(attributes))
+
+
+@contextlib.contextmanager
+def _timed(tracer: AppTracer, name: str, parent: SpanContext, current: Leaf) -> Iterator[Leaf]:
+    start = time.time_ns()
+    try:
+        yield current
+    except Exception as exc:
+        tracer.record(name, parent, start, time.time_ns(), current.attributes, error=exc)
+        raise
+    tracer.record(name, parent, start, time.time_ns(), current.attributes)
 
 
 @contextlib.contextmanager
 def server_span(
-    tracer: Tracer, name: str, headers: Sequence[tuple[bytes, bytes]], attributes: Attributes
+    tracer: AppTracer, name: str, headers: Sequence[tuple[bytes, bytes]], attributes: Attributes
 ) -> Iterator[Span]:
     """The span of one HTTP request, continuing the caller's trace when its headers carry one
     (W3C ``traceparent``, or what OTEL_PROPAGATORS names), with ``tracer`` active inside."""
@@ -103,7 +251,7 @@ def server_span(
     parent = propagate.extract(carrier)
     token = _TRACER.set(tracer)
     try:
-        with tracer.start_as_current_span(
+        with tracer.sdk.start_as_current_span(
             name, context=parent, kind=SpanKind.SERVER, attributes=attributes
         ) as current:
             yield current
@@ -123,7 +271,7 @@ class Origin:
     """Where queued inputs came from: the tracer, the context and span that queued them, and
     when (ns since the epoch); shared by the inputs of one call."""
 
-    tracer: Tracer
+    tracer: AppTracer
     context: otel_context.Context
     span_context: SpanContext
     queued_ns: int
@@ -144,32 +292,34 @@ def origin() -> Origin | None:
 
 
 @contextlib.contextmanager
-def forward_span(
-    origins: Sequence[Origin], attributes: Attributes, *, started_ns: int | None
-) -> Iterator[None]:
+def forward_span(origins: Sequence[Origin], attributes: Attributes) -> Iterator[SpanContext]:
     """The model forward serving inputs of ``origins`` (not empty): a span of its own trace,
-    linked to each request. With ``started_ns`` (the batch's first attempt) each request also
-    gets its queue-wait span, from its ``queued_ns`` to ``started_ns``, linked to the forward."""
+    linked to each request; yields its context, for the requests' queue waits."""
     distinct = list({id(item): item for item in origins}.values())
-    tracer = distinct[0].tracer
-    forward = tracer.start_span(
+    forward = distinct[0].tracer.sdk.start_span(
         "model.forward",
         context=otel_context.Context(),  # a root: it serves many requests, none is its parent
         attributes=attributes,
         links=[Link(item.span_context) for item in distinct],
     )
-    try:
-        with trace.use_span(forward, end_on_exit=True):
-            yield
-    finally:
-        # Written after the forward (their times are given), so they never delay its start.
-        if started_ns is not None:
-            back = [Link(forward.get_span_context())]
-            for item in distinct:
-                wait = tracer.start_span(
-                    "batcher.queue_wait",
-                    context=item.context,
-                    start_time=item.queued_ns,
-                    links=back,
-                )
-                wait.end(end_time=max(started_ns, item.queued_ns))
+    with trace.use_span(forward, end_on_exit=True):
+        yield forward.get_span_context()
+
+
+def queue_waits(origin: Origin, served: Sequence[Served]) -> None:
+    """The request's queue-wait spans, one per forward that served its inputs: from when it
+    queued them to when that forward started (``served``: the forward's context and start, ns
+    since the epoch), each linked to its forward."""
+    seen: set[int] = set()
+    for forward, started_ns in served:
+        if forward.span_id in seen:
+            continue
+        seen.add(forward.span_id)
+        origin.tracer.record(
+            "batcher.queue_wait",
+            origin.span_context,
+            origin.queued_ns,
+            max(started_ns, origin.queued_ns),
+            {},
+            links=(Link(forward),),
+        )

@@ -451,7 +451,7 @@ class ResultCache:
         for index, key in enumerate(keys):
             positions.setdefault(key, []).append(index)
         distinct = list(positions)
-        with tracing.span("cache.lookup", {"emb.inputs": len(keys)}) as current:
+        with tracing.leaf("cache.lookup", {"emb.inputs": len(keys)}) as current:
             found = await self.backend.get_many(distinct, scope.dimensions)
             known_tokens = 0
             hits = 0

@@ -1,9 +1,9 @@
 """POST /v1/embeddings without HTTP or torch: registry lookup, input checks, token counts,
 batching, ``dimensions``, and the response body.
 
-Traced requests get a span for the input checks, one for tokenisation (or image preprocessing)
-and one for the model's use; the cache, the image loader and the batcher add theirs
-(``core/tracing.py``).
+Traced requests get a span for the input checks and one for tokenisation (or image
+preprocessing), children of the request's; the cache, the image loader and the batcher add
+theirs (``core/tracing.py``).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class EmbeddingService:
     async def create(self, request: EmbeddingRequest, *, background: bool = False) -> Reply:
         """The response to one /v1/embeddings request. ``background`` (Batch API jobs) yields
         the model to interactive requests."""
-        with tracing.span("embeddings.check_inputs"):
+        with tracing.leaf("embeddings.check_inputs"):
             spec = self._models.registry.get(request.model)
             inputs = request.inputs()
             self._check_count(len(inputs))
@@ -117,7 +117,7 @@ class EmbeddingService:
     ) -> Embedded:
         """For the batch-first image API: images as URLs, data URIs, base64 or uploaded bytes,
         named by label in errors. ``normalize=False`` returns the raw pooled vectors."""
-        with tracing.span("embeddings.check_inputs"):
+        with tracing.leaf("embeddings.check_inputs"):
             spec = self._models.registry.get(model)
             if spec.modality not in ("image", "multimodal"):
                 raise InvalidRequest(
@@ -147,18 +147,15 @@ class EmbeddingService:
         (Matryoshka-style: a prefix of a unit vector is scaled back to unit length).
         ``prompt_name`` (else the name's pinned prompt, else the model's default) is prepended
         to every text."""
-        with tracing.span("embeddings.embed", {"emb.model": spec.name, "emb.inputs": len(data)}):
-            async with self._models.use(spec) as model:
-                self._check_dimensions(dimensions, model.encoder.dimensions)
-                prompt = _prompt(spec, model.encoder, prompt_name)
-                if self.cache.enabled and model.fingerprint is not None:
-                    vectors, prompt_tokens = await self._embed_cached(
-                        model, data, background, prompt
-                    )
-                else:
-                    prepared = await self._prepare(model.encoder, data, prompt)
-                    prompt_tokens = self._check_tokens(prepared, model)
-                    vectors = _stack(await model.batcher.embed(prepared, background=background))
+        async with self._models.use(spec) as model:
+            self._check_dimensions(dimensions, model.encoder.dimensions)
+            prompt = _prompt(spec, model.encoder, prompt_name)
+            if self.cache.enabled and model.fingerprint is not None:
+                vectors, prompt_tokens = await self._embed_cached(model, data, background, prompt)
+            else:
+                prepared = await self._prepare(model.encoder, data, prompt)
+                prompt_tokens = self._check_tokens(prepared, model)
+                vectors = _stack(await model.batcher.embed(prepared, background=background))
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if normalize:
@@ -216,7 +213,7 @@ class EmbeddingService:
         if encoder.modality == "multimodal":
             name = "embeddings.prepare_inputs"  # texts tokenised, images preprocessed
         truncate = self._limits.truncate
-        with tracing.span(name, {"emb.inputs": len(data)}) as current:
+        with tracing.leaf(name, {"emb.inputs": len(data)}) as current:
             if encoder.modality == "multimodal":
                 prepared = await self._prepare_mixed(encoder, data)
             elif prompt is not None and isinstance(encoder, PromptedEncoder):
