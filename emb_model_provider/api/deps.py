@@ -1,4 +1,8 @@
-"""Typed dependencies: routes take the serving objects that ``main.create_app`` put on app.state."""
+"""Typed dependencies: routes take the serving objects that ``main.create_app`` put on app.state.
+
+``async`` although they do not await: FastAPI runs a plain ``def`` dependency in its thread pool,
+one thread hop per request for an attribute read.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,17 @@ from emb_model_provider.services.models import ModelManager
 from emb_model_provider.services.readiness import Readiness
 
 
-def _service(request: Request) -> EmbeddingService:
+async def _service(request: Request) -> EmbeddingService:
     service: EmbeddingService = request.app.state.embedding_service
     return service
 
 
-def _models(request: Request) -> ModelManager:
+async def _models(request: Request) -> ModelManager:
     models: ModelManager = request.app.state.models
     return models
 
 
-def _readiness(request: Request) -> Readiness:
+async def _readiness(request: Request) -> Readiness:
     readiness: Readiness = request.app.state.readiness
     return readiness
 

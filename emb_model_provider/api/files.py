@@ -22,14 +22,15 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-def _jobs(request: Request) -> BatchJobs:
+async def _jobs(request: Request) -> BatchJobs:
     jobs: BatchJobs = request.app.state.batch_jobs
     return jobs
 
 
-def _owner(request: Request) -> Owner:
+async def _owner(request: Request) -> Owner:
     """The caller, as the store knows them: the digest of their API key (never the key), or
-    ``""`` when the API is open. Files and batches are private to it."""
+    ``""`` when the API is open. Files and batches are private to it. (``async``, like those of
+    ``api/deps.py``: no thread-pool hop.)"""
     key: ApiKey | None = getattr(request.state, "api_key", None)
     if key is None:
         return Owner("")

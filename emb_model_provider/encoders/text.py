@@ -13,10 +13,10 @@ Two forwards, chosen per model at load and named by ``backend``:
 - ``bert-unpadded`` (BERT, RoBERTa, XLM-RoBERTa): no padding in the dense layers
   (``bert_unpadded``).
 - ``length-grouped`` (every other family): the batch sorted by length and cut into groups
-  whose padding is bounded, one padded transformers forward per group. A batch merged from
-  many requests mixes lengths; one padded forward would spend most of its work on pad tokens,
-  where sentence-transformers' own ``encode`` sorts its corpus first. Each group's forward is
-  the library's, so the result is the padded forward's, exactly.
+  whose padding is bounded (a tenth of the real tokens, or 64), one padded transformers forward
+  per group. A batch merged from many requests mixes lengths; one padded forward would spend
+  most of its work on pad tokens, where sentence-transformers' own ``encode`` sorts its corpus
+  first. Each group's forward is the library's, so the result is the padded forward's, exactly.
 
 Padding is always on the right inside the server; for decoders that pad on the left (Qwen) the
 result is the same, since rotary positions depend only on distances between tokens.
@@ -65,8 +65,10 @@ logger = logging.getLogger(__name__)
 Backend = Literal["bert-unpadded", "length-grouped"]
 
 #: A length group may hold this share of pad tokens over its real ones (CPU: a forward costs
-#: about its padded tokens) ...
-_CPU_PAD_SHARE = 0.25
+#: about its padded tokens) ... Measured in-process on full-size MPNet and ModernBERT, batches of
+#: 32 cut from 128 sorted inputs: 0.10 ran 5-10 % faster than 0.25 (smaller forwards cost less
+#: than the padding they save), 0.05 no faster.
+_CPU_PAD_SHARE = 0.10
 #: ... or this many pad tokens, so that short sentences are not split into many small forwards.
 _PAD_SLACK_TOKENS = 64
 
