@@ -97,6 +97,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--n-inputs", type=int, help="corpus inputs (default 2048, quick 512)")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of single, bulk and chatty, the servers' order reversed every other round "
+        "(for comparing servers closer than the machine's drift); figures are the rounds' mean",
+    )
+    parser.add_argument(
         "--multimodal-model",
         type=Path,
         help="the CLIP/SigLIP directory of the multimodal scenario (default: a CLIP ViT-B/32-"
@@ -176,6 +183,11 @@ def merge_raw(raw_runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("sorted_inputs_per_s", "chunked_inputs_per_s"):
         raw[key] = statistics.fmean(r[key] for r in raw_runs)
         raw[key + "_runs"] = [r[key] for r in raw_runs]
+    # The single-request latency too: a one-input forward drifts with the machine as much.
+    singles = [r["single_ms"] for r in raw_runs if r.get("single_ms")]
+    if singles:
+        raw["single_ms"] = {stat: statistics.fmean(s[stat] for s in singles) for stat in singles[0]}
+        raw["single_ms_p50_runs"] = [s["p50"] for s in singles]
     return raw
 
 
@@ -245,12 +257,7 @@ def guarded(label: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{exc!r}"[:300]}
 
 
-def main() -> int:
-    args = parse_args()
-    if args.from_results:
-        rebuild(args.from_results, args.write_docs)
-        return 0
-    scenarios = args.scenario_set
+def make_plan(args: argparse.Namespace) -> Plan:
     plan = (
         Plan(True, 512, 50, 5.0, 1.5, 64, 60, 20, 60)
         if args.quick
@@ -258,6 +265,17 @@ def main() -> int:
     )
     if args.n_inputs:
         plan.n_inputs = args.n_inputs
+    plan.rounds = max(1, args.rounds)
+    return plan
+
+
+def main() -> int:
+    args = parse_args()
+    if args.from_results:
+        rebuild(args.from_results, args.write_docs)
+        return 0
+    scenarios = args.scenario_set
+    plan = make_plan(args)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = BENCH / "results" / stamp
     logs = run_dir / "logs"

@@ -64,6 +64,8 @@ class Received:
     resource: dict[str, object]
     start_ns: int
     end_ns: int
+    #: (event name, its attributes)
+    events: tuple[tuple[str, dict[str, object]], ...] = ()
 
     @classmethod
     def of(cls, span: ProtoSpan, resource: dict[str, object]) -> Received:
@@ -79,6 +81,10 @@ class Received:
             resource=resource,
             start_ns=span.start_time_unix_nano,
             end_ns=span.end_time_unix_nano,
+            events=tuple(
+                (event.name, {item.key: _value(item.value) for item in event.attributes})
+                for event in span.events
+            ),
         )
 
 
@@ -619,3 +625,58 @@ def test_a_leaf_span_is_the_child_of_the_current_one_and_records_its_error(
     assert fine.status == Status.STATUS_CODE_UNSET
     assert broken.status == Status.STATUS_CODE_ERROR
     assert fine.resource == top.resource
+
+
+def test_the_server_span_follows_the_sampler_and_records_an_escaping_error(
+    receiver: OtlpReceiver,
+) -> None:
+    """The request's span follows the provider's sampler (the default parent-based one follows
+    the caller's sampled flag: an unsampled caller gets no spans, but its trace id still reaches
+    the access log), and an exception leaving the request is recorded on it."""
+    unsampled_trace = "abf92f3577b34da6a3ce929d0e0e4736"
+    failing_trace = "bbf92f3577b34da6a3ce929d0e0e4736"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url)
+        env.delenv("OTEL_TRACES_SAMPLER", raising=False)
+        traced = tracing.start_tracing("test")
+    try:
+        caller = [(b"traceparent", f"00-{unsampled_trace}-{PARENT_ID}-00".encode())]
+        with tracing.server_span(traced.tracer, "POST", caller, {"url.path": "/x"}) as span:
+            assert not span.is_recording()  # the caller did not sample it
+            assert tracing.trace_id(span) == unsampled_trace  # still in the access log
+            assert tracing.origin() is None
+            with tracing.leaf("a step") as step:
+                assert step is None
+        caller = [(b"traceparent", f"00-{failing_trace}-{PARENT_ID}-01".encode())]
+        with (
+            pytest.raises(RuntimeError, match="went wrong"),
+            tracing.server_span(traced.tracer, "POST", caller, {"url.path": "/y"}) as span,
+        ):
+            assert span.is_recording()
+            span.update_name("POST /y")
+            span.set_attributes({"http.route": "/y", "http.response.status_code": 500})
+            with tracing.leaf("a step"):
+                pass
+            raise RuntimeError("went wrong")
+        assert not span.is_recording()  # ended with the block
+    finally:
+        traced.shutdown()  # flushes
+    spans = receiver.wait_for("server span", _server_span_done(failing_trace, "/y"))
+    assert not _of_trace(unsampled_trace)(spans)
+    failed = _one(_of_trace(failing_trace)(spans), "POST /y")
+    assert failed.kind == ProtoSpan.SPAN_KIND_SERVER
+    assert failed.parent_id == PARENT_ID
+    assert failed.attributes == {
+        "url.path": "/y",
+        "http.route": "/y",
+        "http.response.status_code": 500,
+    }
+    assert failed.status == Status.STATUS_CODE_ERROR
+    [(event, details)] = failed.events
+    assert event == "exception"
+    assert details["exception.type"] == "RuntimeError"
+    assert details["exception.message"] == "went wrong"
+    assert "went wrong" in str(details["exception.stacktrace"])
+    step_span = _one(_of_trace(failing_trace)(spans), "a step")
+    assert step_span.parent_id == failed.span_id
+    assert failed.start_ns <= step_span.start_ns <= step_span.end_ns <= failed.end_ns

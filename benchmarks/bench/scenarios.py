@@ -55,6 +55,10 @@ class Plan:
     raw_budget_s: float
     #: The name the servers are asked for (``--model`` serves another model under its own name).
     model: str = MODEL_NAME
+    #: Rounds of the single, bulk and chatty scenarios, the servers' order reversed every other
+    #: round (A B, B A, ...), so that drift and whatever the machine does to the one measured
+    #: second fall on every server alike; the figures are the rounds' mean (inputs/s) or median.
+    rounds: int = 1
 
 
 def run_raw(model_dir: str, plan: Plan, thread_check: bool) -> dict[str, Any]:
@@ -118,23 +122,27 @@ async def run_interleaved(
             out[name]["idle_rss_kb"] = tree_rss_kb(server.proc.pid)
             await each(name, "warm-up", lambda load: load.chunks(corpus[:128], 32, 4, 120))
             out[name]["idle_rss_after_warmup_kb"] = tree_rss_kb(server.proc.pid)
-        if "single" in scenarios:
-            for name in servers:
-                await each(
-                    name,
-                    "single",
-                    lambda load: load.sequential(
-                        [SINGLE_TEXT], plan.n_single, plan.single_budget_s
-                    ),
-                )
-        if "bulk" in scenarios:
-            for name in servers:
-                await each(
-                    name, "bulk", lambda load: load.chunks(corpus, 32, 4, plan.bulk_budget_s)
-                )
-        if "chatty" in scenarios:
-            for name in servers:
-                await each(name, "chatty", lambda load: load.closed_loop(corpus, 64, plan.chatty_s))
+        for round_index in range(plan.rounds):
+            order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+            if "single" in scenarios:
+                for name in order:
+                    await each(
+                        name,
+                        "single",
+                        lambda load: load.sequential(
+                            [SINGLE_TEXT], plan.n_single, plan.single_budget_s
+                        ),
+                    )
+            if "bulk" in scenarios:
+                for name in order:
+                    await each(
+                        name, "bulk", lambda load: load.chunks(corpus, 32, 4, plan.bulk_budget_s)
+                    )
+            if "chatty" in scenarios:
+                for name in order:
+                    await each(
+                        name, "chatty", lambda load: load.closed_loop(corpus, 64, plan.chatty_s)
+                    )
         if "sweep" in scenarios:
             for level in SWEEP_LEVELS:
                 for name in servers:
@@ -145,20 +153,49 @@ async def run_interleaved(
             out[name]["loaded_rss_kb"] = samplers[name].peak_kb
             await loads[name].close()
     for entry in out.values():
+        rounds: dict[str, list[dict[str, Any]]] = {}
         for label, result in entry.pop("_steps", []):
-            if label == "single":
-                lat = result["latencies_ms"]
-                entry["single"] = {
-                    "p50_ms": pct(lat, 50),
-                    "p99_ms": pct(lat, 99),
-                    "n": len(lat),
-                    "cpu": result["cpu"],
-                }
-            elif label.startswith("sweep-"):
+            if label.startswith("sweep-"):
                 entry.setdefault("sweep", []).append(result)
             elif label != "warm-up":
-                entry[label] = result
+                rounds.setdefault(label, []).append(result)
+        for label, results in rounds.items():
+            entry[label] = _single(results) if label == "single" else _merge_rounds(results)
     return out
+
+
+def _mean_cpu(results: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: statistics.fmean(r["cpu"][key] for r in results) for key in results[0]["cpu"]}
+
+
+def _single(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every round's latencies pooled: the percentiles of all of them."""
+    lat = [ms for result in results for ms in result["latencies_ms"]]
+    return {
+        "p50_ms": pct(lat, 50),
+        "p99_ms": pct(lat, 99),
+        "n": len(lat),
+        "cpu": _mean_cpu(results),
+    }
+
+
+def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure per scenario from its rounds: the mean inputs/s (each round's kept), the median
+    latency percentiles, the least work done within the time bound."""
+    if len(results) == 1:
+        return results[0]
+    merged = dict(results[0])
+    merged["inputs_per_s"] = statistics.fmean(r["inputs_per_s"] for r in results)
+    merged["inputs_per_s_rounds"] = [r["inputs_per_s"] for r in results]
+    for key in ("p50_ms", "p99_ms"):
+        merged[key] = statistics.median(r[key] for r in results)
+    for key in ("inputs", "requests"):
+        if key in merged:
+            merged[key] = min(r[key] for r in results)
+    if "complete" in merged:
+        merged["complete"] = all(r["complete"] for r in results)
+    merged["cpu"] = _mean_cpu(results)
+    return merged
 
 
 async def run_image(model_dir_info: dict[str, Any], logs: Path, plan: Plan) -> dict[str, Any]:
