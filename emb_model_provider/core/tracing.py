@@ -23,10 +23,11 @@ spans, their OTLP encoding included): ~0.32 ms of CPU with SDK spans throughout 
 ``embeddings.embed`` span around the model's part, since dropped), ~0.17 ms this way, about half
 of it the exporter's protobuf encoding. Through the server (``docs/operations.md``), the spans
 themselves cost nothing measurable: with the exporter swapped for one that drops them, chatty
-traffic ran at 1.00x and 0.96x of untraced; what tracing costs there is the export (encoding and
-POST on the batch processor's thread), on 2 cores taken from the forward's threads. Making the
-server span a hand-written one too cut the in-process CPU to ~0.14 ms and changed nothing
-measurable through the server, so it stays the SDK's.
+traffic ran at 1.00x of untraced (0.96x encoding them and sending nothing, 0.92x exporting);
+what tracing costs there is the export (encoding and POST on the batch processor's thread), on
+2 cores taken from the forward's threads. Making the server span a hand-written one too cut the
+in-process CPU to ~0.14 ms and changed nothing measurable through the server, so it stays the
+SDK's.
 
 The batcher's worker thread has no request context: each queued input carries an ``Origin``
 (tracer, the span that queued it, when) and the forward pass becomes a span of its own trace,
