@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -189,3 +191,39 @@ def test_unload_waits_for_the_requests_using_the_model() -> None:
         manager.close()
     assert (count, unloaded) == (1, True)
     assert manager.loaded("busy") is None
+
+
+def test_a_loaded_model_is_frozen_out_of_the_collector_and_an_unloaded_one_freed() -> None:
+    """After a load, what the model brought in sits in the permanent generation (the collector's
+    full collections no longer walk it); an unloaded model's objects, reference cycles included,
+    are still freed."""
+    spec = ModelSpec(name="frozen", source=str(BUNDLED_DIR), modality="text")
+    manager = ModelManager(
+        Registry([spec]),
+        LoadOptions(device="cpu", dtype="float32"),
+        BatchLimits(max_batch_size=8, max_batch_tokens=4096, max_queue_inputs=64),
+        warmup=False,
+    )
+    gc.unfreeze()
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    async def load_and_unload() -> weakref.ref[Cycle]:
+        model = await manager.get(spec)
+        assert gc.get_freeze_count() > 10_000  # torch, transformers and the model's modules
+        cycle = Cycle()  # a reference cycle hung on the model, frozen with it
+        model.encoder.__dict__["cycle"] = cycle
+        gc.freeze()
+        watched = weakref.ref(cycle)
+        del model, cycle
+        assert await manager.unload("frozen")
+        return watched
+
+    try:
+        cycle = asyncio.run(load_and_unload())
+    finally:
+        manager.close()
+    assert cycle() is None  # collected although it was frozen
+    assert gc.get_freeze_count() > 10_000  # the rest frozen again

@@ -12,22 +12,20 @@ it, so the service, the cache and the image fetches find it without a parameter,
 ``None`` (no span, nothing allocated) when tracing is off or the work is not traced.
 
 Two kinds of span. ``span`` is the SDK's own, made current for the block, for spans that have
-children or run seldom (a Batch API line, an image fetch). ``leaf`` is for the short steps every
-request takes (input checks, tokenisation, the cache lookup) and the queue wait: spans without
-children whose start and end this module times itself, handed finished to the same
-``BatchSpanProcessor`` and OTLP exporter as ``ReadableSpan``s. They skip what a leaf does not
+children or run seldom (the server span, a Batch API line, an image fetch). ``leaf`` is for the
+short steps every request takes (input checks, tokenisation, the cache lookup) and the queue
+wait: spans without children whose start and end this module times itself, queued as they are
+(``trace_export.Finished``) in the SDK's ``BatchSpanProcessor``. They skip what a leaf does not
 need: making the span current, the sampler (a leaf is recorded exactly when its parent is, which
-is what the default parent-based sampler decides), the attribute locks and the copy the SDK makes
-of every span when it ends. Measured in-process for one traced one-input request (its four
-spans, their OTLP encoding included): ~0.32 ms of CPU with SDK spans throughout (and an
-``embeddings.embed`` span around the model's part, since dropped), ~0.17 ms this way, about half
-of it the exporter's protobuf encoding. Through the server (``docs/operations.md``), the spans
-themselves cost nothing measurable: with the exporter swapped for one that drops them, chatty
-traffic ran at 1.00x of untraced (0.96x encoding them and sending nothing, 0.92x exporting);
-what tracing costs there is the export (encoding and POST on the batch processor's thread), on
-2 cores taken from the forward's threads. Making the server span a hand-written one too cut the
-in-process CPU to ~0.14 ms and changed nothing measurable through the server, so it stays the
-SDK's.
+is what the default parent-based sampler decides), the attribute locks, the copy the SDK makes
+of every span when it ends, and the ``ReadableSpan`` itself.
+
+The processor's exporter is not in this process: ``trace_export.SpanPipe`` pickles each batch
+to a child process that runs the official OTLP exporter, because the protobuf encoding, done
+here, cost chatty traffic 5-8 % of its throughput (``core/trace_export.py`` and
+``docs/operations.md``, "What it costs", have the figures). In-process, a traced one-input request
+now costs ~0.06 ms of CPU on the request's thread (the SDK's server span is half of it) and
+~0.025 ms on the processor's.
 
 The batcher's worker thread has no request context: each queued input carries an ``Origin``
 (tracer, the span that queued it, when) and the forward pass becomes a span of its own trace,
@@ -45,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -101,15 +99,15 @@ class Tracing:
 
 
 def start_tracing(service_version: str) -> Tracing:
-    """A provider exporting over OTLP/HTTP in the background (``BatchSpanProcessor``), configured
-    by the standard ``OTEL_*`` variables."""
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    """A provider exporting over OTLP/HTTP in the background, configured by the standard
+    ``OTEL_*`` variables: the SDK's ``BatchSpanProcessor`` hands its batches to the official
+    exporter in a process of its own (``core/trace_export.py``)."""
     from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-    from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-    from opentelemetry.trace import Status, StatusCode
+
+    from emb_model_provider.core.trace_export import Finished, SpanPipe, export_timeout_s
 
     resource = Resource.create({SERVICE_VERSION: service_version})
     # Resource.create falls back to "unknown_service:<executable>" when the environment names no
@@ -117,26 +115,13 @@ def start_tracing(service_version: str) -> Tracing:
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
 
-    class HashedOnce(Resource):
-        """The resource, hashed once. The OTLP encoder groups every span it exports by resource,
-        and ``Resource.__hash__`` serialises all the attributes to JSON on each call: 4.5 µs a
-        span, a third of what encoding a leaf span costs. A resource does not change."""
-
-        def __init__(self, source: Resource) -> None:
-            super().__init__(source.attributes, source.schema_url)
-            self._hash = super().__hash__()
-
-        def __hash__(self) -> int:
-            return self._hash
-
-    resource = HashedOnce(resource)
     ids = RandomIdGenerator()
     # The sampler comes from OTEL_TRACES_SAMPLER.
     provider = TracerProvider(resource=resource, id_generator=ids)
-    processor = BatchSpanProcessor(OTLPSpanExporter())
+    processor = BatchSpanProcessor(
+        SpanPipe(resource, export_timeout_s(), leaf_scope=(TRACER_NAME, service_version, None))
+    )
     provider.add_span_processor(processor)
-    scope = InstrumentationScope(TRACER_NAME, service_version)
-    unset = Status(StatusCode.UNSET)
 
     def record(
         name: str,
@@ -148,36 +133,10 @@ def start_tracing(service_version: str) -> Tracing:
         links: Sequence[Link] = (),
         error: Exception | None = None,
     ) -> None:
-        status: Status = unset
-        events: tuple[Event, ...] = ()
-        if error is not None:  # what the SDK's span records for an exception leaving it
-            kind = type(error).__qualname__
-            status = Status(StatusCode.ERROR, f"{kind}: {error}")
-            exception = {"exception.type": kind, "exception.message": str(error)}
-            events = (Event("exception", exception, end_ns),)
-        context = SpanContext(
-            parent.trace_id,
-            ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=parent.trace_flags,
-            trace_state=parent.trace_state,
-        )
-        processor.on_end(
-            ReadableSpan(
-                name,
-                context,
-                parent,
-                resource,
-                attributes,
-                events,
-                links,
-                SpanKind.INTERNAL,
-                status=status,
-                start_time=start_ns,
-                end_time=end_ns,
-                instrumentation_scope=scope,
-            )
-        )
+        span_id = ids.generate_span_id()
+        finished = Finished(name, parent, span_id, start_ns, end_ns, attributes, links, error)
+        # The processor queues it as it is (it reads only the sampled flag); the pipe sends it.
+        processor.on_end(cast(ReadableSpan, finished))
 
     tracer = AppTracer(provider.get_tracer(TRACER_NAME, service_version), record)
     return Tracing(tracer, provider.shutdown)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from emb_model_provider.batching import DynamicBatcher
-from emb_model_provider.core import model_thread
+from emb_model_provider.core import heap, model_thread
 from emb_model_provider.core.errors import InvalidRequest, ModelLoadFailed
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import SourceError
@@ -191,6 +191,7 @@ class ModelManager:
             encoder.memory_bytes / 1e6,
         )
         await self._evict_over_limits(keep=spec.name)
+        await asyncio.to_thread(heap.settle)  # the model's objects out of the collector's walks
         return model
 
     async def _fingerprint(self, spec: ModelSpec) -> str | None:
@@ -227,7 +228,10 @@ class ModelManager:
             await asyncio.wait_for(model._idle.wait(), _UNLOAD_GRACE_S)
         except TimeoutError:
             logger.warning("unloading %s under %d requests", spec.name, model.in_flight)
+        heap.thaw()  # so that the released model's reference cycles can be collected
         await asyncio.to_thread(_release, model)
+        del model  # nothing here holds it while the collector looks
+        await asyncio.to_thread(heap.settle)
         return True
 
     async def run_housekeeping(self) -> None:
