@@ -648,6 +648,9 @@ def test_a_leaf_span_is_the_child_of_the_current_one_and_records_its_error(
     assert top.start_ns <= fine.start_ns <= fine.end_ns <= broken.start_ns <= top.end_ns
     assert fine.status == Status.STATUS_CODE_UNSET
     assert broken.status == Status.STATUS_CODE_ERROR
+    assert broken.events == (
+        ("exception", {"exception.type": "ValueError", "exception.message": "no good"}),
+    )
     assert fine.resource == top.resource
 
 

@@ -130,7 +130,9 @@ class Finished:
     end_ns: int
     attributes: Mapping[str, AttributeValue]
     links: Sequence[Link]
-    error: BaseException | None
+    #: The exception that ended it, as its type's name and its message (not the exception
+    #: itself, whose traceback would keep the request's frames alive until the export).
+    error: tuple[str, str] | None
 
 
 def _finished_wire(span: Finished, scope: ScopeWire) -> SpanWire:
@@ -139,11 +141,11 @@ def _finished_wire(span: Finished, scope: ScopeWire) -> SpanWire:
     status: tuple[int, str | None] = (StatusCode.UNSET.value, None)
     events: list[tuple[str, int, dict[str, AttributeValue]]] = []
     if span.error is not None:
-        kind = type(span.error).__qualname__
-        status = (StatusCode.ERROR.value, f"{kind}: {span.error}")
+        kind, message = span.error
+        status = (StatusCode.ERROR.value, f"{kind}: {message}")
         exception: dict[str, AttributeValue] = {
             "exception.type": kind,
-            "exception.message": str(span.error),
+            "exception.message": message,
         }
         events.append(("exception", span.end_ns, exception))
     parent = _context(span.context)

@@ -134,7 +134,8 @@ def start_tracing(service_version: str) -> Tracing:
         error: Exception | None = None,
     ) -> None:
         span_id = ids.generate_span_id()
-        finished = Finished(name, parent, span_id, start_ns, end_ns, attributes, links, error)
+        failure = (type(error).__qualname__, str(error)) if error is not None else None
+        finished = Finished(name, parent, span_id, start_ns, end_ns, attributes, links, failure)
         # The processor queues it as it is (it reads only the sampled flag); the pipe sends it.
         processor.on_end(cast(ReadableSpan, finished))
 
