@@ -48,6 +48,18 @@ def _states(http: httpx.Client) -> dict[str, dict[str, object]]:
     return {entry["name"]: entry for entry in response.json()["data"]}
 
 
+def _bundled_manager(name: str) -> tuple[ModelSpec, ModelManager]:
+    """A manager (no server, no warm-up) whose one entry, ``name``, is the bundled model."""
+    spec = ModelSpec(name=name, source=str(BUNDLED_DIR), modality="text")
+    manager = ModelManager(
+        Registry([spec]),
+        LoadOptions(device="cpu", dtype="float32"),
+        BatchLimits(max_batch_size=8, max_batch_tokens=4096, max_queue_inputs=64),
+        warmup=False,
+    )
+    return spec, manager
+
+
 def _embed(url: str, model: str) -> None:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
     assert len(client.embeddings.create(model=model, input="lifecycle").data) == 1
@@ -168,13 +180,7 @@ def test_idle_models_are_unloaded_but_not_the_pinned_default(tmp_path: Path) -> 
 
 def test_unload_waits_for_the_requests_using_the_model() -> None:
     """An unload that arrives while a request holds the model lets that request finish."""
-    spec = ModelSpec(name="busy", source=str(BUNDLED_DIR), modality="text")
-    manager = ModelManager(
-        Registry([spec]),
-        LoadOptions(device="cpu", dtype="float32"),
-        BatchLimits(max_batch_size=8, max_batch_tokens=4096, max_queue_inputs=64),
-        warmup=False,
-    )
+    spec, manager = _bundled_manager("busy")
 
     async def run() -> tuple[int, bool]:
         async with manager.use(spec) as model:
@@ -197,13 +203,7 @@ def test_a_loaded_model_is_frozen_out_of_the_collector_and_an_unloaded_one_freed
     """After a load, what the model brought in sits in the permanent generation (the collector's
     full collections no longer walk it); an unloaded model's objects, reference cycles included,
     are still freed."""
-    spec = ModelSpec(name="frozen", source=str(BUNDLED_DIR), modality="text")
-    manager = ModelManager(
-        Registry([spec]),
-        LoadOptions(device="cpu", dtype="float32"),
-        BatchLimits(max_batch_size=8, max_batch_tokens=4096, max_queue_inputs=64),
-        warmup=False,
-    )
+    spec, manager = _bundled_manager("frozen")
     gc.unfreeze()
 
     class Cycle:
