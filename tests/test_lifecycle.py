@@ -8,7 +8,9 @@ import gc
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import thread as futures_thread
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -199,16 +201,28 @@ def test_unload_waits_for_the_requests_using_the_model() -> None:
     assert manager.loaded("busy") is None
 
 
-def test_a_loaded_model_is_frozen_out_of_the_collector_and_an_unloaded_one_freed() -> None:
+def test_a_loaded_model_is_frozen_out_of_the_collector_and_an_unloaded_one_freed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """After a load, what the model brought in sits in the permanent generation (the collector's
     full collections no longer walk it); an unloaded model's objects, reference cycles included,
-    are still freed."""
+    are still freed.
+
+    A ``concurrent.futures`` worker drops a call's function and arguments only after handing back
+    its result; here each worker lingers 0.1 s in between, so that a release whose threads still
+    hold the model when the unload collects fails every time, not once in many runs."""
     spec, manager = _bundled_manager("frozen")
     gc.unfreeze()
 
     class Cycle:
         def __init__(self) -> None:
             self.me = self
+
+    run_item = futures_thread._WorkItem.run
+
+    def run_and_linger(item: Any, *args: Any) -> None:
+        run_item(item, *args)
+        time.sleep(0.1)  # the worker still holds the item, as it does for a moment after a call
 
     async def load_and_unload() -> weakref.ref[Cycle]:
         model = await manager.get(spec)
@@ -218,6 +232,7 @@ def test_a_loaded_model_is_frozen_out_of_the_collector_and_an_unloaded_one_freed
         gc.freeze()
         watched = weakref.ref(cycle)
         del model, cycle
+        monkeypatch.setattr(futures_thread._WorkItem, "run", run_and_linger)
         assert await manager.unload("frozen")
         return watched
 

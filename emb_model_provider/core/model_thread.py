@@ -57,6 +57,18 @@ async def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return await asyncio.wrap_future(_executor.submit(fn, *args, **kwargs))
 
 
+def drain() -> None:
+    """Wait until the model thread has let go of the calls made before this one (blocking; from
+    another thread). Its worker hands back a call's result a moment before it drops the call's
+    function and arguments (``concurrent.futures`` deletes the work item after setting the
+    result): whoever frees an object the last call used waits for this first."""
+    call(_nothing)
+
+
+def _nothing() -> None:
+    pass
+
+
 def bound(fn: Callable[P, T]) -> Callable[P, T]:
     """``fn``, run on the model thread whoever calls it."""
 

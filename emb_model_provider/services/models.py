@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -229,9 +230,12 @@ class ModelManager:
         except TimeoutError:
             logger.warning("unloading %s under %d requests", spec.name, model.in_flight)
         heap.thaw()  # so that the released model's reference cycles can be collected
-        await asyncio.to_thread(_release, model)
-        del model  # nothing here holds it while the collector looks
+        held = [model]
+        del model  # the release drops the last reference, before the collector looks
+        encoder = await asyncio.to_thread(_release_last, held)
         await asyncio.to_thread(heap.settle)
+        if encoder() is not None:
+            logger.warning("model %s: its encoder is still referenced after the unload", spec.name)
         return True
 
     async def run_housekeeping(self) -> None:
@@ -335,3 +339,15 @@ def _release(model: LoadedModel) -> None:
     thread, which the batcher's last batches need)."""
     model.batcher.stop()
     model_thread.call(model.encoder.close)
+
+
+def _release_last(held: list[LoadedModel]) -> weakref.ref[Encoder]:
+    """``_release`` the model in ``held``, the last reference to it, and drop it before returning:
+    neither this thread's executor (which keeps a call's arguments until after it has handed back
+    the result) nor the model thread still holds it when the caller collects."""
+    model = held.pop()
+    _release(model)
+    model_thread.drain()
+    encoder = weakref.ref(model.encoder)
+    del model
+    return encoder
