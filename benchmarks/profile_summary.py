@@ -45,7 +45,7 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
         ("pydantic", "model_validate", "json/decoder", "api/embeddings.py"),
     ),
     ("service (checks, dimensions, normalise)", ("services/",)),
-    ("batcher bookkeeping", ("batching.py",)),
+    ("batcher bookkeeping", ("scheduler.py",)),
     (
         "HTTP (uvicorn/starlette/httptools)",
         ("uvicorn/", "starlette/", "httptools", "h11", "fastapi/"),

@@ -15,9 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from emb_model_provider import __version__
-from emb_model_provider.bulk import command as bulk
 from emb_model_provider.core.config import Settings, env_name
 from emb_model_provider.core.errors import ConfigError
+from emb_model_provider.offline import command as bulk
 
 #: flag -> Settings field, for ``serve``.
 _SERVE_FLAGS: dict[str, tuple[str, type, str]] = {

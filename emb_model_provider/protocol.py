@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
+from emb_model_provider.core.kinds import Modality
 from emb_model_provider.core.vectors import Vectors
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     # Extensions (OpenAI clients ignore unknown fields).
-    modality: Literal["text", "image", "multimodal"]
+    modality: Modality
     dimensions: int | None
     max_input_tokens: int | None
     loaded: bool

@@ -15,18 +15,14 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from emb_model_provider.core.errors import ConfigError, ModelNotFound
+from emb_model_provider.core.kinds import DType, Modality, Pooling
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, SourceError
-
-Modality = Literal["text", "image", "multimodal"]
-Pooling = Literal["mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
-DType = Literal["float32", "float16", "bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -136,7 +132,7 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
 ENCODER_LOADERS: dict[Modality, str] = {
     "text": "emb_model_provider.encoders.text:load_text_encoder",
     "image": "emb_model_provider.encoders.image:load_image_encoder",
-    "multimodal": "emb_model_provider.encoders.clip:load_multimodal_encoder",
+    "multimodal": "emb_model_provider.encoders.multimodal:load_multimodal_encoder",
 }
 
 

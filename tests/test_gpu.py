@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoProcessor
 
 from benchmarks.families import FAMILIES, Family, build
 from emb_model_provider.encoders.base import LoadOptions
-from emb_model_provider.encoders.clip import load_multimodal_encoder
+from emb_model_provider.encoders.multimodal import load_multimodal_encoder
 from emb_model_provider.encoders.text import load_text_encoder
 from tests.tiny_multimodal import BUILDERS
 

@@ -447,7 +447,7 @@ def test_benchmark_model_builder_smoke(tmp_path: Path) -> None:
     """The benchmark's model hook, at its tiny size: our encoder equals its raw forward."""
     from benchmarks.multimodal_model import RawForward, build, models_file
     from emb_model_provider.encoders.base import LoadOptions
-    from emb_model_provider.encoders.clip import load_multimodal_encoder
+    from emb_model_provider.encoders.multimodal import load_multimodal_encoder
 
     folder = build(tmp_path / "clip", size="tiny")
     assert "modality: multimodal" in models_file(tmp_path / "m.yaml", folder).read_text()

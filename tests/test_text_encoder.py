@@ -10,8 +10,9 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
+from emb_model_provider.core.kinds import Pooling
 from emb_model_provider.encoders.base import LoadOptions
-from emb_model_provider.encoders.st_modules import PoolingConfig, PoolingMode
+from emb_model_provider.encoders.st_modules import PoolingConfig
 from emb_model_provider.encoders.text import TextEncoder, TokenIds, load_text_encoder
 from tests.conftest import BUNDLED_DIR
 
@@ -59,7 +60,7 @@ def test_bert_runs_unpadded(encoder: TextEncoder) -> None:
 )
 @pytest.mark.parametrize("skip", [0, 3])
 def test_unpadded_equals_padded(
-    encoder: TextEncoder, attention: str, pooling: PoolingMode, skip: int
+    encoder: TextEncoder, attention: str, pooling: Pooling, skip: int
 ) -> None:
     """The hand-written forward against the library's, on both attention layouts, every
     pooling mode, with and without leading tokens left out of pooling, in length groups and

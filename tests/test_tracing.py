@@ -55,9 +55,9 @@ from opentelemetry.trace import (
 from PIL import Image
 
 from emb_model_provider.api.middleware import UNTRACED_PATHS
-from emb_model_provider.batching import DynamicBatcher
 from emb_model_provider.core import trace_export, tracing
 from emb_model_provider.encoders.base import PreparedInput, Vectors
+from emb_model_provider.scheduler import DynamicBatcher
 from tests.conftest import AccessLog
 from tests.live import live_app, test_settings
 from tests.tiny_models import image_models_file, tiny_dinov3_vit

@@ -1,5 +1,5 @@
 """/v1/batches: create, list, retrieve and cancel Batch API jobs of /v1/embeddings requests.
-Thin: parse, ask ``batch/service.py``, return; ``batch/runner.py`` does the work."""
+Thin: parse, ask ``batch_api/service.py``, return; ``batch_api/runner.py`` does the work."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from starlette.applications import Starlette
 from emb_model_provider.api import files
 from emb_model_provider.api.exceptions import validation_message
 from emb_model_provider.api.files import JobsDep, OwnerDep
-from emb_model_provider.batch.protocol import BatchList, BatchObject, CreateBatchRequest
-from emb_model_provider.batch.runner import BatchRunner
-from emb_model_provider.batch.service import BatchJobs, FileLimits
+from emb_model_provider.batch_api.protocol import BatchList, BatchObject, CreateBatchRequest
+from emb_model_provider.batch_api.runner import BatchRunner
+from emb_model_provider.batch_api.service import BatchJobs, FileLimits
 from emb_model_provider.core import tracing
 from emb_model_provider.core.config import Settings
 from emb_model_provider.protocol import ErrorResponse

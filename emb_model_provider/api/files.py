@@ -1,5 +1,5 @@
 """/v1/files: upload, list, retrieve, download and delete files (OpenAI's Files API, for the
-Batch API's input and output files). Thin: parse, ask ``batch/service.py``, return."""
+Batch API's input and output files). Thin: parse, ask ``batch_api/service.py``, return."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
-from emb_model_provider.batch.protocol import FileDeleted, FileList, FileObject
-from emb_model_provider.batch.service import BatchJobs, Owner
+from emb_model_provider.batch_api.protocol import FileDeleted, FileList, FileObject
+from emb_model_provider.batch_api.service import BatchJobs, Owner
 from emb_model_provider.core.errors import InvalidRequest
 from emb_model_provider.protocol import ErrorResponse
 from emb_model_provider.security.keys import ApiKey

@@ -14,13 +14,15 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from emb_model_provider.core.kinds import DType as ModelDType
+
 ENV_PREFIX = "EMB_PROVIDER_"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
 TracingMode = Literal["auto", "on", "off"]
-DType = Literal["auto", "float32", "float16", "bfloat16"]
+DType = Literal["auto"] | ModelDType
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ORIGIN_RE = re.compile(r"^(\*|https?://[^/\s]+)$")
@@ -257,7 +259,7 @@ class Settings(BaseSettings):
             "(the right-most address not in this set is the client)."
         ),
     )
-    # -- Batch API (batch/service.py, batch/runner.py) --
+    # -- Batch API (batch_api/service.py, batch_api/runner.py) --
     data_dir: Path = Field(
         Path("data"),
         description=(

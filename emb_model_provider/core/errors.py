@@ -45,7 +45,20 @@ class BadInput(InvalidRequest):
 
 
 class ContextLengthExceeded(InvalidRequest):
+    """An input longer than the model's context with truncation off, in OpenAI's words (the
+    message the OpenAI API gives for the same case; clients match on the code)."""
+
     default_code = "context_length_exceeded"
+
+    def __init__(self, limit: int, n_tokens: int, *, param: str = "input") -> None:
+        super().__init__(
+            f"This model's maximum context length is {limit} tokens, however you requested "
+            f"{n_tokens} tokens ({n_tokens} in your prompt; 0 for the completion). Please reduce "
+            "your prompt; or completion length.",
+            param=param,
+        )
+        self.limit = limit
+        self.n_tokens = n_tokens
 
 
 class ModelNotFound(ProviderError):

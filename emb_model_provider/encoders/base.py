@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from emb_model_provider.core.kinds import Modality
 from emb_model_provider.core.vectors import Vectors
 
 __all__ = ["Encoder", "LoadOptions", "PreparedInput", "Vectors"]
@@ -43,7 +44,7 @@ class LoadOptions:
 
 
 class Encoder(Protocol):
-    modality: Literal["text", "image", "multimodal"]
+    modality: Modality
     #: Length of the vectors ``encode`` returns.
     dimensions: int
     #: Longest input, in tokens, the model takes (text: sentence-transformers ``max_seq_length``).

@@ -18,19 +18,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from emb_model_provider.core.kinds import POOLING_MODES, Pooling
 from emb_model_provider.encoders.sources import SourceError
 
-PoolingMode = Literal["mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
-POOLING_MODES: tuple[PoolingMode, ...] = get_args(PoolingMode)
-
 #: sentence-transformers >= 6 writes ``pooling_mode``; earlier versions one flag per mode.
-_LEGACY_FLAGS: dict[str, PoolingMode] = {
+_LEGACY_FLAGS: dict[str, Pooling] = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_max_tokens": "max",
     "pooling_mode_mean_tokens": "mean",
@@ -57,7 +55,7 @@ _MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 
 @dataclass(frozen=True)
 class PoolingConfig:
-    modes: tuple[PoolingMode, ...]
+    modes: tuple[Pooling, ...]
     #: False: prompt tokens are left out of the pooled tokens (INSTRUCTOR-style models).
     include_prompt: bool = True
 
@@ -190,9 +188,7 @@ def pooling_config(config: dict[str, Any]) -> PoolingConfig:
         raise SourceError(
             f"pooling mode {', '.join(unknown)} is not supported ({', '.join(POOLING_MODES)})"
         )
-    return PoolingConfig(
-        cast(tuple[PoolingMode, ...], modes), bool(config.get("include_prompt", True))
-    )
+    return PoolingConfig(cast(tuple[Pooling, ...], modes), bool(config.get("include_prompt", True)))
 
 
 def _dense_config(path: Path) -> DenseConfig:

@@ -42,6 +42,7 @@ from tokenizers import Tokenizer, normalizers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
+from emb_model_provider.core.kinds import Pooling
 from emb_model_provider.encoders import bert_unpadded
 from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
@@ -54,7 +55,6 @@ from emb_model_provider.encoders.sources import SourceError, resolve_source
 from emb_model_provider.encoders.st_modules import (
     DenseHead,
     PoolingConfig,
-    PoolingMode,
     SentenceConfig,
     pool_flat,
     read_sentence_config,
@@ -301,7 +301,7 @@ def load_text_encoder(
     *,
     revision: str | None,
     max_input_tokens: int | None,
-    pooling: PoolingMode | None,
+    pooling: Pooling | None,
     options: LoadOptions,
     prompts: Mapping[str, str] | None = None,
     default_prompt_name: str | None = None,
@@ -383,7 +383,7 @@ def load_text_encoder(
     return encoder
 
 
-def _pooling(config: SentenceConfig, override: PoolingMode | None) -> PoolingConfig:
+def _pooling(config: SentenceConfig, override: Pooling | None) -> PoolingConfig:
     include_prompt = config.pooling.include_prompt if config.pooling else True
     if override is not None:
         return PoolingConfig((override,), include_prompt)

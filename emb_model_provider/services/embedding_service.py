@@ -322,12 +322,7 @@ class EmbeddingService:
         limit = model.encoder.max_input_tokens
         for item in prepared:
             if item.n_tokens > limit:  # only possible when truncation is off
-                raise ContextLengthExceeded(
-                    f"This model's maximum context length is {limit} tokens, however you "
-                    f"requested {item.n_tokens} tokens ({item.n_tokens} in your prompt; 0 for the "
-                    "completion). Please reduce your prompt; or completion length.",
-                    param="input",
-                )
+                raise ContextLengthExceeded(limit, item.n_tokens)
         total = sum(item.n_tokens for item in prepared)
         self._check_total(tokens_known + total)
         return total

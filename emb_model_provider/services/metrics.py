@@ -28,7 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from emb_model_provider.batching import Histogram as BatcherHistogram
+from emb_model_provider.scheduler import Histogram as BatcherHistogram
 from emb_model_provider.services.cache import MemoryBackend, ResultCache
 from emb_model_provider.services.models import ModelManager
 

@@ -21,12 +21,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-from emb_model_provider.batching import DynamicBatcher
 from emb_model_provider.core import heap, model_thread
 from emb_model_provider.core.errors import InvalidRequest, ModelLoadFailed
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.registry import ModelSpec, Registry, build_encoder
+from emb_model_provider.scheduler import DynamicBatcher
 from emb_model_provider.services.cache import weights_fingerprint
 
 logger = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from emb_model_provider.bulk.base import BulkError, Embedder
-from emb_model_provider.bulk.parts import Parts, errors_path, output_format
-from emb_model_provider.bulk.progress import Progress
-from emb_model_provider.bulk.records import InputSpec, Record, count_records, read_records
+from emb_model_provider.offline.base import BulkError, Embedder
+from emb_model_provider.offline.parts import Parts, errors_path, output_format
+from emb_model_provider.offline.progress import Progress
+from emb_model_provider.offline.records import InputSpec, Record, count_records, read_records
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""Dynamic batching: inputs from concurrent requests are merged into full batches.
+"""The scheduler (dynamic batching): inputs from concurrent requests are merged into full batches.
+
+Not to be confused with ``batch_api/`` (OpenAI's Batch API, whose lines come here as background
+work) or ``offline/`` (the ``embed`` command, which runs the encoders without a server).
 
 One worker thread per model takes everything that is waiting, sorts it by length (less padding),
 cuts batches by count (``max_batch_size``) and by padded tokens (longest x count <=

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from emb_model_provider.batching import DynamicBatcher
 from emb_model_provider.core.errors import Internal, NotReady, Overloaded
 from emb_model_provider.encoders.base import PreparedInput, Vectors
+from emb_model_provider.scheduler import DynamicBatcher
 
 DEADLINE_S = 30
 

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from emb_model_provider import __version__
-from emb_model_provider.bulk.base import BulkError, ChunkResult
 from emb_model_provider.core.vectors import Vectors
+from emb_model_provider.offline.base import BulkError, ChunkResult
 
 OutputFormat = Literal["parquet", "npy"]
 MANIFEST = "manifest.json"

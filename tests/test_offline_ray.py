@@ -93,8 +93,8 @@ def test_ray_engine_equals_the_in_process_engine(
 
 
 def test_embed_dataset_python_entry_point(local_ray: None, reference: SentenceTransformer) -> None:
-    from emb_model_provider.bulk.local import LocalConfig
-    from emb_model_provider.bulk.ray_engine import embed_dataset
+    from emb_model_provider.offline.local import LocalConfig
+    from emb_model_provider.offline.ray_engine import embed_dataset
 
     items = [{"key": index * 10, "body": text} for index, text in enumerate(TEXTS)]
     items[3]["body"] = ""

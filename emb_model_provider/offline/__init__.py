@@ -1,4 +1,6 @@
-"""Bulk embedding: a corpus file or an image folder in, a Parquet or ``.npy`` file of vectors out.
+"""Offline embedding, the ``embed`` command (not the Batch API, ``batch_api/``, nor the
+scheduler's dynamic batching, ``scheduler.py``): a corpus file or an image folder in, a Parquet
+or ``.npy`` file of vectors out.
 
 One job, three engines over the same registry and encoders as the server:
 

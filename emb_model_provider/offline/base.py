@@ -8,8 +8,8 @@ from typing import Protocol
 
 import numpy as np
 
-from emb_model_provider.bulk.records import ModelKind, Record
 from emb_model_provider.core.vectors import Vectors
+from emb_model_provider.offline.records import ModelKind, Record
 
 
 class BulkError(Exception):

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from emb_model_provider.core.config import Settings
 
 if TYPE_CHECKING:
-    from emb_model_provider.bulk.base import Embedder
-    from emb_model_provider.bulk.job import Summary
-    from emb_model_provider.bulk.records import InputSpec
+    from emb_model_provider.offline.base import Embedder
+    from emb_model_provider.offline.job import Summary
+    from emb_model_provider.offline.records import InputSpec
 
 DESCRIPTION = (
     "Embed a corpus into a Parquet or .npy file, in this process (the model's weights here), "
@@ -102,8 +102,8 @@ def _number(args: argparse.Namespace, name: str, kind: type[int] | type[float]) 
 
 
 def run_embed(args: argparse.Namespace, settings: Settings, fail: Callable[[str], int]) -> int:
-    from emb_model_provider.bulk.base import BulkError
-    from emb_model_provider.bulk.records import InputError, input_spec
+    from emb_model_provider.offline.base import BulkError
+    from emb_model_provider.offline.records import InputError, input_spec
 
     try:
         batch_size = _number(args, "batch_size", int)
@@ -138,7 +138,7 @@ def run_embed(args: argparse.Namespace, settings: Settings, fail: Callable[[str]
                 dimensions=dimensions,
             )
         else:
-            from emb_model_provider.bulk.job import check_output, run_job
+            from emb_model_provider.offline.job import check_output, run_job
 
             check_output(output, overwrite=args.overwrite)
             embedder = _embedder(args, settings, batch_size, dimensions, concurrency)
@@ -173,7 +173,7 @@ def _embedder(
     concurrency: int,
 ) -> Embedder:
     if args.url is not None:
-        from emb_model_provider.bulk.http import HttpEmbedder
+        from emb_model_provider.offline.http import HttpEmbedder
 
         api_key = args.api_key
         if api_key == "-":
@@ -187,7 +187,7 @@ def _embedder(
             api_key=api_key,
             max_image_bytes=settings.max_image_bytes,
         )
-    from emb_model_provider.bulk.local import LocalConfig, LocalEmbedder
+    from emb_model_provider.offline.local import LocalConfig, LocalEmbedder
 
     config = LocalConfig.from_settings(
         settings, model=args.model, dimensions=dimensions, batch_size=batch_size
@@ -209,8 +209,8 @@ def _run_ray(
         import ray  # noqa: F401  # the optional extra, checked before anything starts
     except ImportError:
         raise UsageError("--engine ray needs Ray: pip install 'emb-model-provider[ray]'") from None
-    from emb_model_provider.bulk.local import LocalConfig
-    from emb_model_provider.bulk.ray_engine import run_ray_job
+    from emb_model_provider.offline.local import LocalConfig
+    from emb_model_provider.offline.ray_engine import run_ray_job
 
     config = LocalConfig.from_settings(
         settings, model=args.model, dimensions=dimensions, batch_size=batch_size

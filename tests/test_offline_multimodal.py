@@ -13,8 +13,8 @@ import pytest
 
 from emb_model_provider.cli import main
 from tests.live import live_server, test_settings
-from tests.test_bulk_cli import _errors, _read
 from tests.test_multimodal import Reference, _png
+from tests.test_offline_cli import _errors, _read
 from tests.tiny_multimodal import multimodal_models_file, tiny_clip
 
 QUERIES = ["a photo of a cat", "a blue car parked in the street at night", "green trees"]

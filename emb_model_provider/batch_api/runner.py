@@ -3,12 +3,12 @@ each finished line durably, write the output and error files.
 
 - **Priority.** Each line goes through ``EmbeddingService.create(..., background=True)``: its
   inputs wait in the batcher's background lane, which runs one batch at a time and only while no
-  interactive input waits (``batching.py``). A big job uses an idle server fully and yields it
+  interactive input waits (``scheduler.py``). A big job uses an idle server fully and yields it
   to online clients at once.
 - **Bounds.** At most ``max_concurrent_jobs`` jobs run, each with at most ``line_concurrency``
   lines in flight; the input file is read a chunk of lines at a time.
 - **Durability.** A line counts as done once its output line is committed to the store
-  (``batch/store.py``); after a restart or a SIGKILL, a job resumes with the lines not
+  (``batch_api/store.py``); after a restart or a SIGKILL, a job resumes with the lines not
   recorded yet, so no finished line is lost or repeated.
 - **Cancel and expiry.** A cancel (or the 24 h window passing) stops the job within one line's
   time: in-flight lines are dropped from the batcher's queue, and the job is finished with what
@@ -40,15 +40,15 @@ from typing import Any, BinaryIO
 import orjson
 from pydantic import ValidationError
 
-from emb_model_provider.batch.protocol import (
+from emb_model_provider.batch_api.protocol import (
     BATCH_ENDPOINT,
     TERMINAL_STATUSES,
     render_error_body,
     render_output_line,
     render_unrun_line,
 )
-from emb_model_provider.batch.service import BatchJobs, new_id, now_s
-from emb_model_provider.batch.store import BatchRecord, BatchStore, FileRecord
+from emb_model_provider.batch_api.service import BatchJobs, new_id, now_s
+from emb_model_provider.batch_api.store import BatchRecord, BatchStore, FileRecord
 from emb_model_provider.core import tracing
 from emb_model_provider.core.errors import ModelNotFound, NotReady, Overloaded, ProviderError
 from emb_model_provider.protocol import EmbeddingRequest

@@ -23,9 +23,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from emb_model_provider.bulk.base import BulkError, ChunkResult, empty_vectors
-from emb_model_provider.bulk.records import ModelKind, Record
 from emb_model_provider.core.vectors import Vectors
+from emb_model_provider.offline.base import BulkError, ChunkResult, empty_vectors
+from emb_model_provider.offline.records import ModelKind, Record
 
 _RETRIES = 6
 #: One input on the wire: a text, an image reference, or ``{"image": ...}`` (multimodal models).

@@ -1,5 +1,5 @@
 """The Files and Batch APIs without HTTP: upload, list, read and delete files; create, read,
-list and cancel batches. The work itself is ``batch/runner.py``'s.
+list and cancel batches. The work itself is ``batch_api/runner.py``'s.
 
 Every object belongs to an owner (a stable id of the API key that made it, or ``""`` when the
 API is open), and another owner gets 404 for it, as OpenAI answers for objects of another
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, cast
 
-from emb_model_provider.batch.protocol import (
+from emb_model_provider.batch_api.protocol import (
     BATCH_ENDPOINT,
     COMPLETION_WINDOW,
     COMPLETION_WINDOW_S,
@@ -41,7 +41,7 @@ from emb_model_provider.batch.protocol import (
     FilePurpose,
     RequestCounts,
 )
-from emb_model_provider.batch.store import BatchRecord, BatchStore, FileRecord
+from emb_model_provider.batch_api.store import BatchRecord, BatchStore, FileRecord
 from emb_model_provider.core.errors import InvalidRequest, ProviderError
 
 logger = logging.getLogger(__name__)

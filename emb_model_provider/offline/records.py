@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
 
+from emb_model_provider.core.kinds import Modality
+
 InputKind = Literal["text", "image"]
 #: A model's modality: the kinds of input it takes.
-ModelKind = Literal["text", "image", "multimodal"]
+ModelKind = Modality
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 FORMATS = ("txt", "jsonl", "csv", "parquet", "dir")

@@ -9,8 +9,8 @@ Parquet.
 Python entry point, on a dataset with a text (or image path/URL) column::
 
     import ray
-    from emb_model_provider.bulk.local import LocalConfig
-    from emb_model_provider.bulk.ray_engine import embed_dataset
+    from emb_model_provider.offline.local import LocalConfig
+    from emb_model_provider.offline.ray_engine import embed_dataset
 
     ds = ray.data.read_parquet("corpus/")
     vectors = embed_dataset(ds, LocalConfig.create("all-MiniLM-L6-v2"), value_column="text",
@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from emb_model_provider.bulk.base import BulkError, ChunkResult
-from emb_model_provider.bulk.job import Summary, check_output, chunks
-from emb_model_provider.bulk.local import LocalConfig, LocalEmbedder
-from emb_model_provider.bulk.parts import Parts, output_format
-from emb_model_provider.bulk.progress import Progress
-from emb_model_provider.bulk.records import (
+from emb_model_provider.offline.base import BulkError, ChunkResult
+from emb_model_provider.offline.job import Summary, check_output, chunks
+from emb_model_provider.offline.local import LocalConfig, LocalEmbedder
+from emb_model_provider.offline.parts import Parts, output_format
+from emb_model_provider.offline.progress import Progress
+from emb_model_provider.offline.records import (
     InputKind,
     InputSpec,
     Record,

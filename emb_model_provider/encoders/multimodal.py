@@ -146,12 +146,7 @@ class MultimodalEncoder:
             try:
                 items = self._texts(texts, truncate=truncate)
             except _TooLong as exc:
-                raise ContextLengthExceeded(
-                    f"This model's maximum context length is {self.max_text_tokens} tokens, "
-                    f"however you requested {exc.n_tokens} tokens ({exc.n_tokens} in your prompt; "
-                    "0 for the completion). Please reduce your prompt; or completion length.",
-                    param="input",
-                ) from exc
+                raise ContextLengthExceeded(self.max_text_tokens, exc.n_tokens) from exc
             for index, item in zip(text_at, items, strict=True):
                 prepared[index] = item
         if image_at:

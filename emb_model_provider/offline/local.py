@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from emb_model_provider.bulk.base import BulkError, ChunkResult, empty_vectors, unit_prefix
-from emb_model_provider.bulk.records import ModelKind, Record
 from emb_model_provider.core.config import Settings
 from emb_model_provider.core.errors import BadInput, ConfigError, InvalidRequest, ProviderError
 from emb_model_provider.encoders.base import (
@@ -29,6 +27,8 @@ from emb_model_provider.encoders.base import (
     Vectors,
 )
 from emb_model_provider.encoders.sources import SourceError
+from emb_model_provider.offline.base import BulkError, ChunkResult, empty_vectors, unit_prefix
+from emb_model_provider.offline.records import ModelKind, Record
 from emb_model_provider.registry import ModelSpec, Registry, build_encoder
 from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
 from emb_model_provider.services.image_inputs import ImageLoader
