@@ -86,6 +86,11 @@ def _type_name(annotation: object) -> str:
         return "one of " + ", ".join(f"`{value}`" for value in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
         members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if members and all(typing.get_origin(arg) is typing.Literal for arg in members):
+            # Literal["auto"] | DType: one list of values, as the settings accept them.
+            values = [value for arg in members for value in typing.get_args(arg)]
+            optional = " (optional)" if len(members) < len(typing.get_args(annotation)) else ""
+            return "one of " + ", ".join(f"`{value}`" for value in values) + optional
         names = " or ".join(_type_name(arg) for arg in members)
         return f"{names} (optional)" if len(members) < len(typing.get_args(annotation)) else names
     if isinstance(annotation, type):
