@@ -209,7 +209,7 @@ def create_app(settings: Settings) -> FastAPI:  # noqa: PLR0915 (the one wiring 
     )
     app.include_router(embeddings.router)
     app.include_router(rerank.router)
-    install_batch_api(app, settings, service, registry, tracer)
+    install_batch_api(app, settings, service, registry, tracer, rerank=reranker)
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(admin.router, dependencies=[Depends(require_admin)])

@@ -23,9 +23,11 @@ from emb_model_provider.encoders.cross_encoder import CrossEncoderModel, load_cr
 from emb_model_provider.encoders.tasks import detect_task
 from tests.conftest import DEFAULT_MODEL
 from tests.live import live_server, test_settings
+from tests.test_batch_api import _line, _lines_of, _upload, _wait
 from tests.tiny_text_models import text_models_file
 
 CPU = LoadOptions(device="cpu", dtype="float32")
+URL = "/v1/rerank"
 #: The tiny models truncate pairs to this many tokens, so that long pairs are cut.
 MAX_LENGTH = 40
 
@@ -386,3 +388,37 @@ def test_litellm_rerank(
         assert [item["document"]["text"] for item in results] == [DOCUMENTS[i] for i in top]
     else:
         assert all("document" not in item for item in results)
+
+
+# -- the Batch API ------------------------------------------------------------------------------
+
+
+def test_batch_api_runs_rerank_lines(server_url: str, rerankers: dict[RerankFamily, Path]) -> None:
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0)
+    lines = [
+        _line("ok", {"model": "ce-bert", "query": QUERY, "documents": DOCUMENTS, "top_n": 2}, URL),
+        _line("bad", {"model": "ce-bert", "query": "", "documents": DOCUMENTS}, URL),
+        _line("embedder", {"model": DEFAULT_MODEL, "query": "q", "documents": ["d"]}, URL),
+    ]
+    batch = client.batches.create(
+        input_file_id=_upload(client, lines),
+        endpoint=URL,  # not in the SDK's Literal of OpenAI's endpoints; sent as is
+        completion_window="24h",
+    )
+    done = _wait(client, batch.id)
+    assert done.status == "completed", done.errors
+    out = {line["custom_id"]: line["response"] for line in _lines_of(client, done.output_file_id)}
+    errors = {line["custom_id"]: line["response"] for line in _lines_of(client, done.error_file_id)}
+    expected = _expected(rerankers["bert"], QUERY, DOCUMENTS)
+    assert [item["index"] for item in out["ok"]["body"]["results"]] == _ranked(expected)[:2]
+    assert errors["bad"]["status_code"] == 400
+    assert errors["embedder"]["body"]["error"]["param"] == "model"
+    # Embedding lines in a rerank batch are refused at validation, by line.
+    wrong = client.batches.create(
+        input_file_id=_upload(client, [_line("e", {"model": DEFAULT_MODEL, "input": "x"})]),
+        endpoint=URL,
+        completion_window="24h",
+    )
+    failed = _wait(client, wrong.id)
+    assert failed.status == "failed" and failed.errors and failed.errors.data
+    assert failed.errors.data[0].code == "invalid_url"
