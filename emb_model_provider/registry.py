@@ -23,7 +23,7 @@ from emb_model_provider.core.errors import ConfigError, ModelNotFound
 from emb_model_provider.core.kinds import DType, Modality, Pooling, Task
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, SourceError, resolve_source
-from emb_model_provider.encoders.tasks import detect_task, local_task
+from emb_model_provider.encoders.tasks import detect_task, is_causal_lm, local_task
 
 
 @dataclass(frozen=True)
@@ -145,17 +145,22 @@ ENCODER_LOADERS: dict[Modality, str] = {
 TASK_LOADERS: dict[Task, str] = {
     "rerank": "emb_model_provider.encoders.cross_encoder:load_cross_encoder",
 }
+#: A reranker whose checkpoint is a causal LM (Qwen3-Reranker): yes/no logits of the last token.
+DECODER_RERANKER = "emb_model_provider.encoders.decoder_reranker:load_decoder_reranker"
 
 
-def text_task(spec: ModelSpec, options: LoadOptions) -> Task:
-    """The task a text model serves: the models file's, else what its files say (blocking: a
-    hub model is downloaded first)."""
-    if spec.task is not None:
-        return spec.task
+def text_task(spec: ModelSpec, options: LoadOptions) -> tuple[Task, str | None]:
+    """The task a text model serves (the models file's, else what its files say) and the loader
+    of a task other than ``embed`` (blocking: a hub model is downloaded first)."""
+    if spec.task == "embed":
+        return "embed", None
     model_dir = resolve_source(
         spec.source, revision=spec.revision, token=options.hf_token, cache_dir=options.cache_dir
     )
-    return detect_task(model_dir)
+    task = spec.task or detect_task(model_dir)
+    if task == "rerank" and is_causal_lm(model_dir):
+        return task, DECODER_RERANKER
+    return task, TASK_LOADERS.get(task)
 
 
 def _loader(target: str) -> Callable[..., Encoder]:
@@ -176,9 +181,9 @@ def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
         options = dataclasses.replace(options, dtype=spec.dtype)
     if spec.trust_remote_code is not None:
         options = dataclasses.replace(options, trust_remote_code=spec.trust_remote_code)
-    task = text_task(spec, options) if spec.modality == "text" else "embed"
-    if task != "embed":
-        return _loader(TASK_LOADERS[task])(
+    task, task_loader = text_task(spec, options) if spec.modality == "text" else ("embed", None)
+    if task != "embed" and task_loader is not None:
+        return _loader(task_loader)(
             spec.source,
             revision=spec.revision,
             max_input_tokens=spec.max_input_tokens,

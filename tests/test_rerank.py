@@ -15,9 +15,12 @@ import pytest
 import torch
 from numpy.testing import assert_allclose
 from sentence_transformers import CrossEncoder
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
+from benchmarks.families import _tokenizer as family_tokenizer
 from benchmarks.families import build
 from benchmarks.rerankers import RERANK_FAMILIES, RerankFamily, build_cross_encoder
+from emb_model_provider.encoders import decoder_reranker
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions
 from emb_model_provider.encoders.cross_encoder import CrossEncoderModel, load_cross_encoder
 from emb_model_provider.encoders.tasks import detect_task
@@ -153,6 +156,7 @@ def test_the_task_is_read_from_the_model_files(
 def server_url(
     rerankers: dict[RerankFamily, Path],
     classifier: Path,
+    qwen3_reranker: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("models-file")
@@ -163,6 +167,13 @@ def server_url(
             {"name": "ce-xlmr", "source": str(rerankers["xlm-roberta"])},
             {"name": "ce-modernbert", "source": str(rerankers["modernbert"])},
             {"name": "nli", "source": str(classifier)},
+            # A causal LM is a reranker only when the models file says so.
+            {
+                "name": "qwen3-reranker",
+                "source": str(qwen3_reranker),
+                "task": "rerank",
+                "max_input_tokens": 256,
+            },
         ],
     )
     settings = test_settings(models_file=models, max_documents_per_request=8, cache="memory")
@@ -422,3 +433,90 @@ def test_batch_api_runs_rerank_lines(server_url: str, rerankers: dict[RerankFami
     failed = _wait(client, wrong.id)
     assert failed.status == "failed" and failed.errors and failed.errors.data
     assert failed.errors.data[0].code == "invalid_url"
+
+
+# -- decoder rerankers (Qwen3-Reranker style) ---------------------------------------------------
+
+
+def tiny_qwen3_reranker(path: Path) -> Path:
+    """A tiny random Qwen3ForCausalLM with the bundled vocabulary ("yes" and "no" in it)."""
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=30522,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=102,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
+    Qwen3ForCausalLM(config).eval().save_pretrained(path)
+    family_tokenizer("qwen3", lowercase=True).save_pretrained(path)
+    return path
+
+
+def _transformers_yes_probability(
+    path: Path, pairs: list[tuple[str, str]], max_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model card's computation with transformers: the template, the tokenizer's
+    longest-first truncation of the pair's text, the full causal LM, softmax over [no, yes] of
+    the last position; and the logit difference."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    prefix = tokenizer.encode(decoder_reranker.PREFIX, add_special_tokens=False)
+    suffix = tokenizer.encode(decoder_reranker.SUFFIX, add_special_tokens=False)
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    texts = [decoder_reranker.pair_text(query, document) for query, document in pairs]
+    encoded = tokenizer(
+        texts,
+        padding=False,
+        truncation="longest_first",
+        max_length=max_length - len(prefix) - len(suffix),
+        add_special_tokens=False,
+    )
+    probabilities, differences = [], []
+    with torch.inference_mode():
+        for ids in encoded["input_ids"]:
+            logits = model(input_ids=torch.tensor([prefix + ids + suffix])).logits[0, -1]
+            pair = torch.stack([logits[no], logits[yes]])
+            probabilities.append(float(torch.log_softmax(pair, dim=0)[1].exp()))
+            differences.append(float(logits[yes] - logits[no]))
+    return np.array(probabilities), np.array(differences)
+
+
+@pytest.fixture(scope="module")
+def qwen3_reranker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_qwen3_reranker(tmp_path_factory.mktemp("qwen3-reranker") / "model")
+
+
+def test_decoder_reranker_is_the_yes_no_computation(qwen3_reranker: Path) -> None:
+    assert detect_task(qwen3_reranker) == "embed"  # only the models file makes it a reranker
+    encoder = decoder_reranker.load_decoder_reranker(
+        str(qwen3_reranker), revision=None, max_input_tokens=256, options=CPU
+    )
+    long_query = " ".join(["winter"] * 250)
+    pairs = [*_pairs(QUERY, DOCUMENTS), (long_query, DOCUMENTS[0])]
+    expected, differences = _transformers_yes_probability(qwen3_reranker, pairs, 256)
+    inputs: list[EncoderInput] = list(pairs)
+    logits = encoder.encode(encoder.prepare(inputs, truncate=True))
+    assert_allclose(logits[:, 0], differences, rtol=0, atol=1e-4)
+    assert_allclose(encoder.activate(logits)[:, 0], expected, rtol=0, atol=1e-5)
+    assert np.ptp(expected) > 0.01
+    assert max(item.n_tokens for item in encoder.prepare(inputs, truncate=True)) == 256
+
+
+def test_decoder_reranker_on_the_rerank_route(http: httpx.Client, qwen3_reranker: Path) -> None:
+    expected, _ = _transformers_yes_probability(qwen3_reranker, _pairs(QUERY, DOCUMENTS), 256)
+    body = http.post(
+        "/v1/rerank", json={"model": "qwen3-reranker", "query": QUERY, "documents": DOCUMENTS}
+    ).json()
+    results = body["results"]
+    assert [item["index"] for item in results] == _ranked(expected)
+    assert_allclose(
+        [item["relevance_score"] for item in results], expected[_ranked(expected)], atol=1e-5
+    )

@@ -66,6 +66,12 @@ def detect_task(model_dir: Path) -> Task:
     return "embed"
 
 
+def is_causal_lm(model_dir: Path) -> bool:
+    """A ``*ForCausalLM`` checkpoint: as a reranker, it scores by its yes/no logits."""
+    architectures = _json(model_dir / "config.json").get("architectures") or []
+    return any(str(name).endswith("ForCausalLM") for name in architectures)
+
+
 def local_task(source: str) -> Task | None:
     """The task of a local model directory; None when ``source`` is not one (a hub id is read
     at load, once downloaded)."""
