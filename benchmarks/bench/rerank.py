@@ -27,6 +27,8 @@ from bench.system import log
 from bench.targets import Server, make_targets
 
 RERANK_MODEL = "ms-marco-MiniLM-L6-v2-random"
+#: Words per document: an MS MARCO passage's length.
+_PASSAGE_WORDS = 60
 #: (name, documents per request, requests in flight, target ratio to raw).
 SCENARIOS: tuple[tuple[str, int, int, float], ...] = (
     ("rerank-32x4", 32, 4, 0.95),
@@ -60,12 +62,15 @@ def requests_of(
     corpus: list[str], documents: int, pairs: int, seed: int
 ) -> list[tuple[str, list[str]]]:
     """``pairs // documents`` requests: a query (a corpus text's first sentence, search-query
-    length) and ``documents`` corpus texts (passage length)."""
+    length) and ``documents`` corpus texts cut to MS MARCO's passage length (about 60 words)."""
     rng = random.Random(seed)
     out = []
     for _ in range(pairs // documents):
         query = rng.choice(corpus).split(".")[0]
-        out.append((query, rng.sample(corpus, documents)))
+        passages = [
+            " ".join(text.split()[:_PASSAGE_WORDS]) for text in rng.sample(corpus, documents)
+        ]
+        out.append((query, passages))
     return out
 
 
@@ -82,9 +87,9 @@ async def _serve(
             latencies.append(await load.rank(query, documents))
 
     try:
-        await asyncio.gather(*(worker(load) for load in loads[:2]))  # warm connections
-        queue = list(reversed(requests))
-        latencies.clear()
+        # Warm: a connection per load, and the model through one request.
+        await asyncio.gather(*(load.rank(requests[0][0], requests[0][1][:1]) for load in loads))
+        await loads[0].rank(*requests[0])
         start = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(worker(load) for load in loads)), timeout=600)
         elapsed = time.perf_counter() - start
