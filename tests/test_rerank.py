@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -27,6 +28,14 @@ from emb_model_provider.encoders.tasks import detect_task
 from tests.conftest import DEFAULT_MODEL
 from tests.live import live_server, test_settings
 from tests.test_batch_api import _line, _lines_of, _upload, _wait
+from tests.test_tracing import (
+    PARENT_ID,
+    TRACE_ID,
+    OtlpReceiver,
+    _of_trace,
+    _one,
+    _server_span_done,
+)
 from tests.tiny_text_models import text_models_file
 
 CPU = LoadOptions(device="cpu", dtype="float32")
@@ -520,3 +529,59 @@ def test_decoder_reranker_on_the_rerank_route(http: httpx.Client, qwen3_reranker
     assert_allclose(
         [item["relevance_score"] for item in results], expected[_ranked(expected)], atol=1e-5
     )
+
+
+# -- traces and concurrency ---------------------------------------------------------------------
+
+
+def test_rerank_requests_are_traced(rerankers: dict[RerankFamily, Path], tmp_path: Path) -> None:
+    models = text_models_file(
+        tmp_path / "models.yaml", [{"name": "ce-bert", "source": str(rerankers["bert"])}]
+    )
+    with OtlpReceiver() as receiver, pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url)
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        env.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+        env.delenv("OTEL_TRACES_SAMPLER", raising=False)
+        settings = test_settings(models_file=models, cache="memory")
+        with live_server(settings) as url:
+            response = httpx.post(
+                f"{url}/v1/rerank",
+                json={"model": "ce-bert", "query": QUERY, "documents": DOCUMENTS[:3]},
+                headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+                timeout=60,
+            )
+            assert response.status_code == 200
+            spans = _of_trace(TRACE_ID)(
+                receiver.wait_for("server span", _server_span_done(TRACE_ID, "/v1/rerank"))
+            )
+    server = _one(spans, "POST /v1/rerank")
+    assert server.parent_id == PARENT_ID
+    assert server.attributes["gen_ai.request.model"] == "ce-bert"
+    tokens = response.json()["usage"]["prompt_tokens"]
+    assert server.attributes["gen_ai.usage.input_tokens"] == tokens
+    for name in ("rerank.check_inputs", "cache.lookup", "rerank.tokenize", "batcher.queue_wait"):
+        assert _one(spans, name).parent_id == server.span_id
+    assert _one(spans, "rerank.tokenize").attributes["emb.inputs"] == 3
+
+
+def test_concurrent_requests_share_batches_and_keep_their_answers(
+    http: httpx.Client, rerankers: dict[RerankFamily, Path]
+) -> None:
+    """Pairs of many clients are merged into the model's batches; each request still gets its
+    own documents' scores, in its order."""
+    queries = [f"{QUERY} {index}" for index in range(8)]
+    reference = CrossEncoder(str(rerankers["modernbert"]))
+
+    def one(query: str) -> list[tuple[int, float]]:
+        body = http.post(
+            "/v1/rerank", json={"model": "ce-modernbert", "query": query, "documents": DOCUMENTS}
+        ).json()
+        return [(item["index"], item["relevance_score"]) for item in body["results"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, queries))
+    for query, answer in zip(queries, answers, strict=True):
+        expected = reference.predict(_pairs(query, DOCUMENTS))
+        assert [index for index, _ in answer] == _ranked(expected)
+        assert_allclose([score for _, score in answer], expected[_ranked(expected)], atol=2e-6)
