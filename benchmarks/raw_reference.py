@@ -5,6 +5,7 @@ and prints one JSON object on its last line.
 
     python benchmarks/raw_reference.py text --model-dir DIR --corpus benchmarks/corpus.jsonl
     python benchmarks/raw_reference.py image --out-dir DIR --n-images 256
+    python benchmarks/raw_reference.py rerank --model-dir DIR --pairs pairs.json
 """
 
 from __future__ import annotations
@@ -245,6 +246,21 @@ def multimodal(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def rerank(args: argparse.Namespace) -> dict[str, Any]:
+    """Pairs per second of ``CrossEncoder.predict(pairs, batch_size=32)``, per pair set."""
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(args.model_dir, device="cpu")
+    pair_sets: dict[str, list[list[str]]] = json.loads(Path(args.pairs).read_text())
+    model.predict([("warm up", "the model")] * 32, batch_size=32)
+    out: dict[str, Any] = {}
+    for name, pairs in pair_sets.items():
+        start = time.perf_counter()
+        model.predict([(query, document) for query, document in pairs], batch_size=32)
+        out[name] = len(pairs) / (time.perf_counter() - start)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -270,8 +286,11 @@ def main() -> None:
     m.add_argument("--n-texts", type=int, default=512)
     m.add_argument("--n-images", type=int, default=128)
     m.add_argument("--image-size", type=int, default=256)
+    r = sub.add_parser("rerank")
+    r.add_argument("--model-dir", required=True)
+    r.add_argument("--pairs", required=True, help="JSON: name -> [[query, document], ...]")
     args = parser.parse_args()
-    kinds = {"text": text, "image": image, "multimodal": multimodal}
+    kinds = {"text": text, "image": image, "multimodal": multimodal, "rerank": rerank}
     result = kinds[args.kind](args)
     sys.stdout.write(json.dumps(result) + "\n")
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from bench.paths import BENCH, CORPUS
 from bench.report import build_table, plot, write_docs
+from bench.rerank import rerank_table, run_rerank
 from bench.scenarios import (
     REPEAT_SHARE,
     Plan,
@@ -50,7 +51,7 @@ from bench.system import log, machine, versions
 from bench.targets import Server, make_targets
 
 ALL_SCENARIOS = (
-    "raw", "single", "bulk", "chatty", "sweep", "rss", "image", "repeat", "multimodal",
+    "raw", "single", "bulk", "chatty", "sweep", "rss", "image", "repeat", "multimodal", "rerank",
 )  # fmt: skip
 
 
@@ -257,6 +258,29 @@ def guarded(label: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{exc!r}"[:300]}
 
 
+def rerank_results(
+    scenarios: set[str], corpus: list[str], plan: Plan, run_dir: Path
+) -> dict[str, Any]:
+    """The rerank scenarios (``bench/rerank.py``), when asked for."""
+    if "rerank" not in scenarios:
+        return {}
+    log("rerank: a MiniLM-L6-sized cross-encoder against raw CrossEncoder.predict")
+    logs = run_dir / "logs"
+    return {
+        "rerank": guarded(
+            "rerank",
+            lambda: run_rerank(corpus, run_dir, logs, rounds=plan.rounds, quick=plan.quick),
+        )
+    }
+
+
+def write_rerank(results: dict[str, Any], run_dir: Path) -> None:
+    if "rerank" in results and "error" not in results["rerank"]:
+        table = rerank_table(results["rerank"])
+        (run_dir / "rerank.md").write_text(table)
+        sys.stdout.write("\n" + table)
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     plan = (
         Plan(True, 512, 50, 5.0, 1.5, 64, 60, 20, 60)
@@ -320,6 +344,7 @@ def main() -> int:
         results["repeat"] = guarded(
             "repeat", lambda: asyncio.run(run_repeat(model_dir, corpus, plan, logs))
         )
+    results.update(rerank_results(scenarios, corpus, plan, run_dir))
     if args.profile:
         log("profile: py-spy on our server under bulk and chatty")
         results["profile"] = guarded(
@@ -337,6 +362,7 @@ def main() -> int:
     if args.write_docs:
         write_docs(results, table, png if has_png else None)
     sys.stdout.write(table)
+    write_rerank(results, run_dir)
     log(f"done in {results['elapsed_s']:.0f} s: {run_dir}")
     return 0
 

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 
 from emb_model_provider import __version__
-from emb_model_provider.api import admin, embeddings, health, images, models, ui
+from emb_model_provider.api import admin, embeddings, health, images, models, rerank, ui
 from emb_model_provider.api.auth import install_access_control, require_admin
 from emb_model_provider.api.batches import install_batch_api
 from emb_model_provider.api.exceptions import install_error_handlers
@@ -32,6 +32,7 @@ from emb_model_provider.services.embedding_service import EmbeddingService, Requ
 from emb_model_provider.services.image_inputs import ImageLoader
 from emb_model_provider.services.models import BatchLimits, Lifecycle, ModelManager
 from emb_model_provider.services.readiness import Readiness
+from emb_model_provider.services.rerank_service import RerankLimits, RerankService
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,16 @@ def create_app(settings: Settings) -> FastAPI:  # noqa: PLR0915 (the one wiring 
         image_loader,
         _result_cache(settings),
     )
+    if settings.rerank_model is not None and settings.rerank_model not in registry:
+        raise ConfigError("EMB_PROVIDER_RERANK_MODEL", f"unknown model {settings.rerank_model!r}")
+    reranker = RerankService(
+        service,
+        registry,
+        RerankLimits(
+            max_documents_per_request=settings.max_documents_per_request,
+            default_model=settings.rerank_model,
+        ),
+    )
     readiness = Readiness(default_model=default_spec.name)
 
     async def load_default() -> None:
@@ -184,6 +195,7 @@ def create_app(settings: Settings) -> FastAPI:  # noqa: PLR0915 (the one wiring 
     app.state.settings = settings
     app.state.models = manager
     app.state.embedding_service = service
+    app.state.rerank_service = reranker
     app.state.readiness = readiness
     app.state.placement = placement.describe()
     app.state.started_monotonic = time.monotonic()
@@ -196,7 +208,8 @@ def create_app(settings: Settings) -> FastAPI:  # noqa: PLR0915 (the one wiring 
         app, settings, manager, app.state.accelerator_memory, service.cache, tracer=tracer
     )
     app.include_router(embeddings.router)
-    install_batch_api(app, settings, service, registry, tracer)
+    app.include_router(rerank.router)
+    install_batch_api(app, settings, service, registry, tracer, rerank=reranker)
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(admin.router, dependencies=[Depends(require_admin)])

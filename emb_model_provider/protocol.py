@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from emb_model_provider.core.kinds import Modality
+from emb_model_provider.core.kinds import Modality, Task
 from emb_model_provider.core.vectors import Vectors
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,9 @@ class ModelCard(BaseModel):
     default_prompt_name: str | None = None
     #: A prompt-pinned name: the model it shares.
     base: str | None = None
+    #: What the model serves: ``embed`` (/v1/embeddings) or ``rerank`` (/v1/rerank); None until
+    #: a hub model that states none is loaded and its files are read.
+    task: Task | None = None
 
 
 class ModelList(BaseModel):
@@ -207,3 +210,131 @@ def render_embeddings(
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# -- rerank: the bodies Cohere (v1, v2), Jina, vLLM and TEI clients send -------------------------
+
+
+class RerankDocument(BaseModel):
+    """A document as an object (Cohere v1, Jina): its ``text``; other fields are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    text: StrictStr
+
+
+class RerankRequest(BaseModel):
+    """POST /v1/rerank, /v2/rerank and /rerank. Cohere, Jina and vLLM send ``documents``; TEI
+    sends ``texts`` (and no model) and gets TEI's bare array back. Unknown fields (Cohere's
+    ``rank_fields``, ``max_chunks_per_doc``) are ignored, as on /v1/embeddings."""
+
+    model_config = ConfigDict(extra="allow")
+
+    #: None: the server's reranker (``EMB_PROVIDER_RERANK_MODEL``, else the first one).
+    model: NonEmptyStr | None = None
+    query: NonEmptyStr
+    documents: Annotated[list[StrictStr | RerankDocument], Field(min_length=1)] | None = None
+    #: TEI's name for the documents.
+    texts: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    #: The best ``top_n`` results only; None: every document.
+    top_n: Annotated[StrictInt, Field(ge=1)] | None = None
+    #: Each result carries its document's text (Cohere, Jina, vLLM); TEI's name is return_text.
+    return_documents: bool | None = None
+    return_text: bool | None = None
+    #: TEI: the logits, before the model's activation.
+    raw_scores: bool = False
+    #: TEI: False refuses an over-long pair (400) instead of truncating it; None: the server's.
+    truncate: bool | None = None
+
+    @model_validator(mode="after")
+    def _documents_or_texts(self) -> RerankRequest:
+        if (self.documents is None) == (self.texts is None):
+            raise ValueError("give the documents to rank as `documents` (or TEI's `texts`)")
+        if self.model_extra:
+            logger.debug("ignoring unknown request fields: %s", sorted(self.model_extra))
+        return self
+
+    @property
+    def tei(self) -> bool:
+        """The body is TEI's: the answer is TEI's bare array."""
+        return self.texts is not None
+
+    def document_texts(self) -> list[str]:
+        if self.texts is not None:
+            return self.texts
+        return [doc if isinstance(doc, str) else doc.text for doc in self.documents or []]
+
+    def wants_documents(self) -> bool:
+        return bool(self.return_text if self.tei else self.return_documents)
+
+
+class RerankResultDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    #: Only when ``return_documents`` asked for it: LiteLLM refuses ``"document": null``.
+    document: RerankResultDocument | None = None
+
+
+class RerankResponse(BaseModel):
+    """Cohere's RerankResponse (``id``, ``results``, ``meta``) with Jina's and vLLM's
+    ``model`` and ``usage``."""
+
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: Usage
+    meta: dict[str, Any]
+
+
+class TeiRank(BaseModel):
+    """One element of TEI's /rerank answer (a bare JSON array)."""
+
+    index: int
+    score: float
+    text: str | None = None
+
+
+def render_rerank(
+    ranked: Sequence[tuple[int, float]],
+    *,
+    request_id: str,
+    model: str,
+    documents: Sequence[str] | None,
+    prompt_tokens: int,
+    n_documents: int,
+    tei: bool,
+) -> bytes:
+    """The answer body: ``ranked`` (index, score) best first; ``documents`` when the request
+    asked for the texts back (never ``"document": null``)."""
+    results: list[dict[str, Any]] = []
+    for index, score in ranked:
+        if tei:
+            item: dict[str, Any] = {"index": index, "score": score}
+            if documents is not None:
+                item["text"] = documents[index]
+        else:
+            item = {"index": index, "relevance_score": score}
+            if documents is not None:
+                item["document"] = {"text": documents[index]}
+        results.append(item)
+    if tei:
+        return orjson.dumps(results)
+    body = {
+        "id": request_id,
+        "model": model,
+        "results": results,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        # Cohere's clients read the billed units: a search unit per query of up to 100
+        # documents, as Cohere bills.
+        "meta": {
+            "api_version": {"version": "2"},
+            "billed_units": {
+                "search_units": -(-n_documents // 100),
+                "input_tokens": prompt_tokens,
+            },
+        },
+    }
+    return orjson.dumps(body)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +20,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from emb_model_provider.core.errors import ConfigError, ModelNotFound
-from emb_model_provider.core.kinds import DType, Modality, Pooling
+from emb_model_provider.core.kinds import DType, Modality, Pooling, Task
 from emb_model_provider.encoders.base import Encoder, LoadOptions
-from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, SourceError
+from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, SourceError, resolve_source
+from emb_model_provider.encoders.tasks import detect_task, is_causal_lm, local_task
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class ModelSpec:
     #: ``prompt_name`` the prompt its requests get when they name none.
     base: str | None = None
     prompt_name: str | None = None
+    #: What the model serves; None: read from the model's files at load (``encoders/tasks.py``).
+    task: Task | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -95,6 +98,7 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
         dimensions=384,
         max_input_tokens=256,
         owned_by="sentence-transformers",
+        task="embed",
     ),
     ModelSpec(
         name="all-MiniLM-L12-v2",
@@ -104,6 +108,7 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
         dimensions=384,
         max_input_tokens=256,
         owned_by="sentence-transformers",
+        task="embed",
     ),
     *_dinov3_specs(),
     # Texts and images in one space (text-to-image search); texts are limited to the positions
@@ -135,6 +140,34 @@ ENCODER_LOADERS: dict[Modality, str] = {
     "multimodal": "emb_model_provider.encoders.multimodal:load_multimodal_encoder",
 }
 
+#: Text tasks other than ``embed`` -> "module:function" building their encoder from (source,
+#: revision, max_input_tokens, options). A new task is a line here and its encoder file.
+TASK_LOADERS: dict[Task, str] = {
+    "rerank": "emb_model_provider.encoders.cross_encoder:load_cross_encoder",
+}
+#: A reranker whose checkpoint is a causal LM (Qwen3-Reranker): yes/no logits of the last token.
+DECODER_RERANKER = "emb_model_provider.encoders.decoder_reranker:load_decoder_reranker"
+
+
+def text_task(spec: ModelSpec, options: LoadOptions) -> tuple[Task, str | None]:
+    """The task a text model serves (the models file's, else what its files say) and the loader
+    of a task other than ``embed`` (blocking: a hub model is downloaded first)."""
+    if spec.task == "embed":
+        return "embed", None
+    model_dir = resolve_source(
+        spec.source, revision=spec.revision, token=options.hf_token, cache_dir=options.cache_dir
+    )
+    task = spec.task or detect_task(model_dir)
+    if task == "rerank" and is_causal_lm(model_dir):
+        return task, DECODER_RERANKER
+    return task, TASK_LOADERS.get(task)
+
+
+def _loader(target: str) -> Callable[..., Encoder]:
+    module_name, _, attr = target.partition(":")
+    loader: Callable[..., Encoder] = getattr(importlib.import_module(module_name), attr)
+    return loader
+
 
 def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
     """Load ``spec``'s weights and build its encoder (blocking: call it off the event loop).
@@ -144,12 +177,19 @@ def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
     target = ENCODER_LOADERS.get(spec.modality)
     if target is None:
         raise SourceError(f"{spec.modality} models are not served by this version of the server")
-    module_name, _, attr = target.partition(":")
-    loader = getattr(importlib.import_module(module_name), attr)
     if spec.dtype is not None:
         options = dataclasses.replace(options, dtype=spec.dtype)
     if spec.trust_remote_code is not None:
         options = dataclasses.replace(options, trust_remote_code=spec.trust_remote_code)
+    task, task_loader = text_task(spec, options) if spec.modality == "text" else ("embed", None)
+    if task != "embed" and task_loader is not None:
+        return _loader(task_loader)(
+            spec.source,
+            revision=spec.revision,
+            max_input_tokens=spec.max_input_tokens,
+            options=options,
+        )
+    loader = _loader(target)
     text_options: dict[str, object] = {}
     if spec.modality == "text":
         text_options = {
@@ -189,6 +229,8 @@ class _ModelEntry(BaseModel):
     prompts: dict[str, str] = Field(default_factory=dict)
     default_prompt_name: str | None = None
     trust_remote_code: bool | None = None
+    #: What the model serves; left out: read from the model's own files.
+    task: Task | None = None
 
     @model_validator(mode="after")
     def _source_or_base(self) -> _ModelEntry:
@@ -258,9 +300,23 @@ def load_models_file(path: Path) -> list[ModelSpec]:
             trust_remote_code=entry.trust_remote_code,
             base=entry.base,
             prompt_name=entry.prompt_name,
+            task=_entry_task(entry, path.parent),
         )
         for entry in parsed.models
     ]
+
+
+def _entry_task(entry: _ModelEntry, folder: Path) -> Task | None:
+    """The entry's task, else a local text model's (read now, from its files, so that
+    /v1/models and the model-less TEI /rerank know it before the model loads)."""
+    if entry.task is not None or entry.source is None:
+        return entry.task
+    if entry.modality != "text":
+        return "embed"
+    try:
+        return local_task(_source_beside(entry.source, folder))
+    except OSError:
+        return None
 
 
 def _source_beside(source: str, folder: Path) -> str:
@@ -319,6 +375,7 @@ class Registry:
             base=base.name,
             source=base.source,
             modality=base.modality,
+            task=base.task,
             revision=base.revision,
             dimensions=base.dimensions,
             max_input_tokens=base.max_input_tokens,
@@ -342,6 +399,18 @@ class Registry:
         if spec is None:
             raise ModelNotFound(name)
         return spec
+
+    def task(self, spec: ModelSpec) -> Task | None:
+        """What ``spec`` serves, when known before loading (stated, read from a local folder,
+        or not a text model); None: read at load."""
+        spec = self.weights(spec)
+        if spec.task is not None:
+            return spec.task
+        return "embed" if spec.modality != "text" else None
+
+    def first(self, task: Task) -> ModelSpec | None:
+        """The first model known to serve ``task`` (built-ins first, then the models file's)."""
+        return next((spec for spec in self if self.task(spec) == task), None)
 
     def __contains__(self, name: object) -> bool:
         return name in self._by_name

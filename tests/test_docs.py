@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.rerankers import build_cross_encoder
 from emb_model_provider.main import create_app
 from emb_model_provider.security.keys import hash_key
 from tests.live import live_server, test_settings
@@ -215,10 +216,11 @@ def image_host(images: dict[str, bytes]) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The server the docs describe: keys on, rate limits on, an image model `dinov3-vits16`
-    (a tiny random DINOv3 standing in for the gated one)."""
+    (a tiny random DINOv3 standing in for the gated one), a reranker."""
     root = tmp_path_factory.mktemp("docs-models")
     vit = tiny_dinov3_vit(root / "vit")
     clip = tiny_clip(root / "clip")
+    reranker = build_cross_encoder("bert", root / "reranker")
     models = root / "models.yaml"
     models.write_text(
         "models:\n"
@@ -234,7 +236,10 @@ def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "    modality: multimodal\n"
         "    dimensions: 16\n"
         "    max_input_tokens: 77\n"
-        "    owned_by: openai\n",
+        "    owned_by: openai\n"
+        # A tiny random cross-encoder standing in for cross-encoder/ms-marco-MiniLM-L6-v2.
+        "  - name: ms-marco-MiniLM-L6-v2\n"
+        f"    source: {reranker}\n",
         encoding="utf-8",
     )
     settings = test_settings(

@@ -134,8 +134,8 @@ def test_metrics_follow_the_requests(served: tuple[str, FastAPI], http: httpx.Cl
     def grew(name: str, **labels: str) -> float:
         return _value(after, name, **labels) - _value(before, name, **labels)
 
-    assert grew("emb_provider_inputs_total", model=model) == 6
-    assert grew("emb_provider_tokens_total", model=model) == tokens
+    assert grew("emb_provider_inputs_total", model=model, task="embed") == 6
+    assert grew("emb_provider_tokens_total", model=model, task="embed") == tokens
     assert grew("emb_provider_request_duration_seconds_count", **route) == 2
     assert grew("emb_provider_batch_size_count", model=model) >= 1
     assert grew("emb_provider_batch_size_sum", model=model) == 6

@@ -28,6 +28,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.families import build
+from benchmarks.rerankers import build_cross_encoder
 from emb_model_provider.api.ui import ASSETS
 from emb_model_provider.security.keys import hash_key
 from tests.conftest import DEFAULT_MODEL
@@ -42,6 +43,7 @@ API_KEY = "sk-console-test-0123456789"
 ADMIN_KEY = "sk-console-admin-0123456789"
 VIT = "tiny-vit"
 PROMPTED = "tiny-prompted"
+RERANKER = "tiny-reranker"
 CONVNEXT = "tiny-convnext"
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -168,10 +170,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     )
     # A text model with prompts, for the playground's prompt picker.
     prompted = build("mpnet", root / "prompted", "tiny")
+    reranker = build_cross_encoder("bert", root / "reranker")
     with models_file.open("a", encoding="utf-8") as out:
         out.write(
             f"  - name: {PROMPTED}\n    source: {prompted}\n"
             '    prompts: {query: "query: ", passage: "passage: "}\n'
+            f"  - name: {RERANKER}\n    source: {reranker}\n"
         )
     settings = test_settings(
         api_key_hashes=hash_key(API_KEY),
@@ -427,6 +431,37 @@ def test_playground_picks_a_prompt(open_console: OpenConsole, served: Served) ->
     # A model without prompts offers none.
     page.select_option("#model-select", DEFAULT_MODEL)
     expect(page.locator("#prompt-select")).to_be_disabled()
+
+
+def test_rerank_panel_ranks_pasted_documents(open_console: OpenConsole, served: Served) -> None:
+    page = open_console()
+    # Rerankers are offered in their panel only, not in the playground.
+    assert RERANKER not in page.eval_on_selector_all(
+        "#model-select option", "items => items.map(i => i.value)"
+    )
+    expect(page.locator(f'#rerank-model option[value="{RERANKER}"]')).to_have_count(1)
+    query = "how do foxes find food"
+    page.fill("#rerank-query", query)
+    page.fill("#rerank-documents", "\n".join(TEXTS))
+    page.click("#rerank-button")
+    expect(page.locator("#rerank-results li")).to_have_count(len(TEXTS))
+    reply = served.api.post(
+        "/v1/rerank", json={"model": RERANKER, "query": query, "documents": TEXTS}
+    ).json()
+    shown = page.eval_on_selector_all(
+        "#rerank-results li",
+        "items => items.map(i => [Number(i.dataset.index), Number(i.dataset.value)])",
+    )
+    assert [index for index, _ in shown] == [item["index"] for item in reply["results"]]
+    assert_allclose(
+        [score for _, score in shown],
+        [item["relevance_score"] for item in reply["results"]],
+        rtol=1e-6,
+    )
+    expect(page.locator("#rerank-error")).to_be_hidden()
+    page.fill("#rerank-query", "")
+    page.click("#rerank-button")
+    expect(page.locator("#rerank-error")).to_be_visible()
 
 
 def test_dropped_images_are_embedded_by_an_image_model(

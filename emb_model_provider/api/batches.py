@@ -22,6 +22,7 @@ from emb_model_provider.core.config import Settings
 from emb_model_provider.protocol import ErrorResponse
 from emb_model_provider.registry import Registry
 from emb_model_provider.services.embedding_service import EmbeddingService
+from emb_model_provider.services.rerank_service import RerankService
 
 router = APIRouter()
 
@@ -74,6 +75,8 @@ def install_batch_api(
     service: EmbeddingService,
     registry: Registry,
     tracer: tracing.AppTracer | None = None,
+    *,
+    rerank: RerankService | None = None,
 ) -> BatchJobs:
     """The Files and Batch routes, ``app.state.batch_jobs``, and the job runner in the app's
     lifespan: it starts after the app's own start-up (resuming the jobs a previous process left
@@ -93,6 +96,7 @@ def install_batch_api(
         max_concurrent_jobs=settings.batch_max_concurrent_jobs,
         line_concurrency=settings.batch_line_concurrency,
         tracer=tracer,
+        rerank=rerank,
     )
     app.state.batch_jobs = jobs
     app.include_router(files.router)

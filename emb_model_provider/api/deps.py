@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from emb_model_provider.services.embedding_service import EmbeddingService
 from emb_model_provider.services.models import ModelManager
 from emb_model_provider.services.readiness import Readiness
+from emb_model_provider.services.rerank_service import RerankService
 
 
 async def _service(request: Request) -> EmbeddingService:
@@ -30,6 +31,12 @@ async def _readiness(request: Request) -> Readiness:
     return readiness
 
 
+async def _rerank(request: Request) -> RerankService:
+    service: RerankService = request.app.state.rerank_service
+    return service
+
+
 ServiceDep = Annotated[EmbeddingService, Depends(_service)]
 ModelsDep = Annotated[ModelManager, Depends(_models)]
 ReadinessDep = Annotated[Readiness, Depends(_readiness)]
+RerankDep = Annotated[RerankService, Depends(_rerank)]

@@ -148,6 +148,7 @@ class RequestContextMiddleware:
                 model=model,
                 inputs=inputs,
                 tokens=tokens,
+                task=state.get("task", "embed"),
             )
         if not (self.access_log and access_logger.isEnabledFor(logging.INFO)):
             return

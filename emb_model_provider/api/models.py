@@ -36,6 +36,7 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
             or (prompted.default_prompt_name if prompted else weights.default_prompt_name)
         ),
         base=spec.base,
+        task=encoder.task if encoder is not None else models.registry.task(spec),
     )
 
 

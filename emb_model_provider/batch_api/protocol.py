@@ -28,8 +28,11 @@ BatchStatus = Literal[
 #: Statuses a batch never leaves.
 TERMINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
 FilePurpose = Literal["batch", "batch_output"]
-#: The one endpoint this server runs in batches, and the one completion window OpenAI offers.
+#: The endpoints this server runs in batches (OpenAI's one, and reranking), and the one
+#: completion window OpenAI offers.
 BATCH_ENDPOINT = "/v1/embeddings"
+RERANK_ENDPOINT = "/v1/rerank"
+BATCH_ENDPOINTS: tuple[str, ...] = (BATCH_ENDPOINT, RERANK_ENDPOINT)
 COMPLETION_WINDOW = "24h"
 COMPLETION_WINDOW_S = 24 * 3600
 #: Files with purpose ``batch`` expire after 30 days unless the upload says otherwise (OpenAI's

@@ -42,6 +42,7 @@ from pydantic import ValidationError
 
 from emb_model_provider.batch_api.protocol import (
     BATCH_ENDPOINT,
+    RERANK_ENDPOINT,
     TERMINAL_STATUSES,
     render_error_body,
     render_output_line,
@@ -50,10 +51,17 @@ from emb_model_provider.batch_api.protocol import (
 from emb_model_provider.batch_api.service import BatchJobs, new_id, now_s
 from emb_model_provider.batch_api.store import BatchRecord, BatchStore, FileRecord
 from emb_model_provider.core import tracing
-from emb_model_provider.core.errors import ModelNotFound, NotReady, Overloaded, ProviderError
-from emb_model_provider.protocol import EmbeddingRequest
+from emb_model_provider.core.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    ProviderError,
+)
+from emb_model_provider.protocol import EmbeddingRequest, RerankRequest
 from emb_model_provider.registry import Registry
-from emb_model_provider.services.embedding_service import EmbeddingService
+from emb_model_provider.services.embedding_service import EmbeddingService, Reply
+from emb_model_provider.services.rerank_service import RerankService
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +103,11 @@ class BatchRunner:
         line_concurrency: int,
         housekeeping_interval_s: float = 30.0,
         tracer: tracing.AppTracer | None = None,
+        rerank: RerankService | None = None,
     ) -> None:
         self._jobs = jobs
         self._service = service
+        self._rerank = rerank
         self._registry = registry
         self._describe_invalid = describe_invalid
         self._max_jobs = max_concurrent_jobs
@@ -196,7 +206,7 @@ class BatchRunner:
 
     async def _validate(self, store: BatchStore, batch: BatchRecord) -> BatchRecord:
         path = store.job_path(batch.id)
-        total, model, errors = await asyncio.to_thread(_check_input, path)
+        total, model, errors = await asyncio.to_thread(_check_input, path, batch.endpoint)
         if errors:
             logger.info("batch %s failed validation: %d errors", batch.id, len(errors))
             updated = await asyncio.to_thread(
@@ -282,7 +292,7 @@ class BatchRunner:
         item = orjson.loads(raw)  # validated already: an object with custom_id and body
         attributes = {"emb.batch.id": batch.id, "emb.batch.custom_id": str(item["custom_id"])}
         with tracing.span("batch.line", attributes) as current:
-            status_code, body = await self._call(item["body"], allowed)
+            status_code, body = await self._call(item["body"], allowed, batch.endpoint)
             if current is not None:
                 current.set_attribute("emb.batch.line.status_code", status_code)
         payload = render_output_line(
@@ -296,10 +306,17 @@ class BatchRunner:
             store.record_result, batch.id, index, ok=status_code == 200, payload=payload
         )
 
-    async def _call(self, body: object, allowed: frozenset[str] | None) -> tuple[int, bytes]:
-        """The status and body /v1/embeddings would have answered for ``body``."""
+    async def _call(
+        self, body: object, allowed: frozenset[str] | None, endpoint: str = BATCH_ENDPOINT
+    ) -> tuple[int, bytes]:
+        """The status and body ``endpoint`` (/v1/embeddings or /v1/rerank) would have answered
+        for ``body``."""
+        request: EmbeddingRequest | RerankRequest
         try:
-            request = EmbeddingRequest.model_validate(body)
+            if endpoint == RERANK_ENDPOINT:
+                request = RerankRequest.model_validate(body)
+            else:
+                request = EmbeddingRequest.model_validate(body)
         except ValidationError as exc:
             message, param = self._describe_invalid(
                 [dict(error) for error in exc.errors(include_url=False)]
@@ -308,12 +325,23 @@ class BatchRunner:
                 message, type_="invalid_request_error", param=param, code=None
             )
         try:
-            if allowed is not None and allowed.isdisjoint(self._registry.get(request.model).names):
-                raise ModelNotFound(request.model)
+            if isinstance(request, RerankRequest):
+                if self._rerank is None:
+                    raise InvalidRequest("This server runs no rerank batches.", param="url")
+                name = self._rerank.model_for(request.model).name
+            else:
+                name = request.model
+            if allowed is not None and allowed.isdisjoint(self._registry.get(name).names):
+                raise ModelNotFound(name)
             attempt = 0
             while True:
                 try:
-                    reply = await self._service.create(request, background=True)
+                    reply: Reply
+                    if isinstance(request, RerankRequest):
+                        assert self._rerank is not None
+                        reply = await self._rerank.create(request, background=True)
+                    else:
+                        reply = await self._service.create(request, background=True)
                     return 200, reply.body
                 except (Overloaded, NotReady):
                     # A full queue or a model being reloaded: wait and retry, never fail the line.
@@ -418,7 +446,9 @@ def _unrun_lines(path: Path, done: set[int], code: str, message: str) -> Iterato
                 yield render_unrun_line(new_id("batch_req_"), custom_id, code=code, message=message)
 
 
-def _check_input(path: Path) -> tuple[int, str | None, list[dict[str, object]]]:
+def _check_input(
+    path: Path, endpoint: str = BATCH_ENDPOINT
+) -> tuple[int, str | None, list[dict[str, object]]]:
     """Check every line's shape as OpenAI does before a batch runs: the number of requests, the
     model when they all name one, and ``errors.data`` (empty when the file is good)."""
     errors: list[dict[str, object]] = []
@@ -468,10 +498,10 @@ def _check_input(path: Path) -> tuple[int, str | None, list[dict[str, object]]]:
                     number,
                     "method",
                 )
-            if item.get("url") != BATCH_ENDPOINT:
+            if item.get("url") != endpoint:
                 error(
                     "invalid_url",
-                    f"The URL of each request must be the batch's endpoint, {BATCH_ENDPOINT!r}.",
+                    f"The URL of each request must be the batch's endpoint, {endpoint!r}.",
                     number,
                     "url",
                 )
@@ -479,7 +509,7 @@ def _check_input(path: Path) -> tuple[int, str | None, list[dict[str, object]]]:
             if not isinstance(body, dict):
                 error(
                     "missing_required_parameter",
-                    "Each request needs a 'body' object: the /v1/embeddings request.",
+                    f"Each request needs a 'body' object: the {endpoint} request.",
                     number,
                     "body",
                 )

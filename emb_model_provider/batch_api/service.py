@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal, cast
 
 from emb_model_provider.batch_api.protocol import (
-    BATCH_ENDPOINT,
+    BATCH_ENDPOINTS,
     COMPLETION_WINDOW,
     COMPLETION_WINDOW_S,
     DEFAULT_FILE_TTL_S,
@@ -277,10 +277,10 @@ class BatchJobs:
     # -- batches --------------------------------------------------------------------------------
 
     async def create_batch(self, owner: Owner, request: CreateBatchRequest) -> BatchObject:
-        if request.endpoint != BATCH_ENDPOINT:
+        if request.endpoint not in BATCH_ENDPOINTS:
             raise InvalidRequest(
                 f"Invalid value for 'endpoint': {request.endpoint!r}. This server runs batches "
-                f"of {BATCH_ENDPOINT!r} only.",
+                f"of {' and '.join(repr(endpoint) for endpoint in BATCH_ENDPOINTS)} only.",
                 param="endpoint",
             )
         if request.completion_window != COMPLETION_WINDOW:

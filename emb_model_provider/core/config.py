@@ -80,6 +80,17 @@ class Settings(BaseSettings):
     truncate: bool = Field(
         True, description="Truncate inputs longer than the model's limit (false: 400 instead)."
     )
+    # -- reranking --
+    max_documents_per_request: int = Field(
+        1000, ge=1, description="Documents in one rerank request (one query-document pair each)."
+    )
+    rerank_model: str | None = Field(
+        None,
+        description=(
+            "The reranker that serves rerank requests naming no model (TEI's body); unset: the "
+            "first reranker of the models file."
+        ),
+    )
     hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated models.")
     cache_dir: Path | None = Field(None, description="Hugging Face hub cache directory.")
     warmup: bool = Field(True, description="Run a warm-up batch when a model loads.")

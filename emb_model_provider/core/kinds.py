@@ -1,7 +1,8 @@
 """The closed vocabularies that several floors name, declared once: what a model takes
-(``Modality``), how a sentence-transformers Pooling module reduces tokens (``Pooling``) and the
-floating-point types a model can run in (``DType``). The registry, the encoders, the wire models
-and the offline command all import them from here (the ground floor), so a new value is one edit."""
+(``Modality``), how a sentence-transformers Pooling module reduces tokens (``Pooling``), the
+floating-point types a model can run in (``DType``) and what a model is for (``Task``). The
+registry, the encoders, the wire models and the offline command all import them from here (the
+ground floor), so a new value is one edit."""
 
 from __future__ import annotations
 
@@ -16,3 +17,9 @@ POOLING_MODES: tuple[Pooling, ...] = get_args(Pooling)
 
 #: The dtypes a model may be loaded in (settings add ``auto``: the device's best).
 DType = Literal["float32", "float16", "bfloat16"]
+
+#: What a model does with its inputs: ``embed`` (a vector per input) or ``rerank`` (a relevance
+#: score per query-document pair). TEI and Infinity route by the same notion; a model is never
+#: served as a task it was not built for.
+Task = Literal["embed", "rerank"]
+TASKS: tuple[Task, ...] = get_args(Task)

@@ -12,10 +12,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from emb_model_provider.core.kinds import Modality
+from emb_model_provider.core.kinds import Modality, Task
 from emb_model_provider.core.vectors import Vectors
 
-__all__ = ["Encoder", "LoadOptions", "PreparedInput", "Vectors"]
+__all__ = [
+    "Encoder",
+    "EncoderInput",
+    "LoadOptions",
+    "PreparedInput",
+    "RerankEncoder",
+    "TextPair",
+    "Vectors",
+]
+
+#: A (query, document) pair, what a reranker scores.
+TextPair = tuple[str, str]
+#: One input of any task: a text, an image's bytes, or a text pair. Each encoder takes the kinds
+#: its task needs and refuses the others with ``BadInput``.
+EncoderInput = str | bytes | TextPair
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +59,9 @@ class LoadOptions:
 
 class Encoder(Protocol):
     modality: Modality
-    #: Length of the vectors ``encode`` returns.
+    #: What the model serves; the routes of another task refuse it.
+    task: Task
+    #: Length of the vectors ``encode`` returns (a reranker's: its number of labels).
     dimensions: int
     #: Longest input, in tokens, the model takes (text: sentence-transformers ``max_seq_length``).
     max_input_tokens: int
@@ -54,9 +70,10 @@ class Encoder(Protocol):
     #: Bytes of weights held on the device (eviction limits and the admin listing).
     memory_bytes: int
 
-    def prepare(self, inputs: Sequence[str | bytes], *, truncate: bool) -> list[PreparedInput]:
-        """Tokenise texts (``str``) or decode and preprocess images (``bytes``); thread-safe,
-        called off the event loop. Raises ``InvalidRequest`` naming the input that is unusable."""
+    def prepare(self, inputs: Sequence[EncoderInput], *, truncate: bool) -> list[PreparedInput]:
+        """Tokenise texts (``str``) or pairs (``TextPair``), or decode and preprocess images
+        (``bytes``); thread-safe, called off the event loop. Raises ``BadInput`` naming the input
+        that is unusable."""
         ...
 
     def encode(self, batch: Sequence[PreparedInput]) -> Vectors:
@@ -88,7 +105,22 @@ class PromptedEncoder(Protocol):
         ...
 
     def prepare(
-        self, inputs: Sequence[str | bytes], *, truncate: bool, prompt: str | None = None
+        self, inputs: Sequence[EncoderInput], *, truncate: bool, prompt: str | None = None
     ) -> list[PreparedInput]:
         """``Encoder.prepare`` with ``prompt`` prepended to every text."""
+        ...
+
+
+@runtime_checkable
+class RerankEncoder(Protocol):
+    """A reranker: ``encode`` returns one row of logits per pair (``dimensions`` = labels)."""
+
+    task: Task
+    #: The classifier's labels; a reranker has one (a relevance score).
+    num_labels: int
+    #: The activation the model saved (``"Sigmoid"``, ``"Identity"``, ...), for /v1/models.
+    activation: str
+
+    def activate(self, logits: Vectors) -> Vectors:
+        """The model's activation on ``logits`` (what ``CrossEncoder.predict`` returns)."""
         ...

@@ -141,9 +141,12 @@ class UnpaddedBert:
         device: torch.device,
         pool: FlatPool,
         skip: Sequence[int],
+        type_ids: Sequence[npt.NDArray[np.int64]] | None = None,
     ) -> torch.Tensor:
         """Pooled vectors, one row per token id array of any length; ``pool`` gets the flat
-        hidden states, the lengths and ``skip`` (tokens per sentence left out of pooling)."""
+        hidden states, the lengths and ``skip`` (tokens per sentence left out of pooling).
+        ``type_ids``: each token's segment (a cross-encoder's pair: 0 for the query, 1 for the
+        document); None: all 0, as for single texts."""
         lengths_list = [int(ids.shape[0]) for ids in batch]
         grouped = self.attention == "grouped" or (self.attention == "auto" and device.type == "cpu")
         if grouped:
@@ -151,7 +154,11 @@ class UnpaddedBert:
             if order != list(range(len(batch))):
                 # Sorted by length, equal lengths share attention calls; rows back in input order.
                 in_order = self.pooled(
-                    [batch[index] for index in order], device, pool, [skip[i] for i in order]
+                    [batch[index] for index in order],
+                    device,
+                    pool,
+                    [skip[i] for i in order],
+                    None if type_ids is None else [type_ids[i] for i in order],
                 )
                 return in_order[torch.argsort(torch.tensor(order, device=device))]
         size, longest = len(batch), max(lengths_list)
@@ -169,10 +176,15 @@ class UnpaddedBert:
             before = (counted - real)[starts][sentence]  # real tokens before the sentence
             position = (counted - before) * real + self._padding_idx
         embeddings = self._embeddings
+        if type_ids is None:
+            token_types = embeddings.token_type_embeddings.weight[0]
+        else:
+            flat_types = torch.from_numpy(np.concatenate(type_ids)).to(device, non_blocking=True)
+            token_types = embeddings.token_type_embeddings(flat_types)
         hidden = (
             embeddings.word_embeddings(flat_ids)
             + embeddings.position_embeddings(position)
-            + embeddings.token_type_embeddings.weight[0]
+            + token_types
         )
         hidden = embeddings.LayerNorm(hidden)
         attend: Callable[[torch.Tensor], torch.Tensor]

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
-from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
+from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
     oom_releases_cache,
     release,
@@ -42,6 +42,7 @@ Preprocess = Callable[[list[object]], torch.Tensor]
 
 class ImageEncoder:
     modality: Literal["image"] = "image"
+    task: Literal["embed"] = "embed"
 
     def __init__(
         self,
@@ -64,7 +65,7 @@ class ImageEncoder:
         self.dimensions = int(probe[1].shape[1])
         self.max_input_tokens = int(probe[0])
 
-    def prepare(self, inputs: Sequence[str | bytes], *, truncate: bool) -> list[PreparedInput]:
+    def prepare(self, inputs: Sequence[EncoderInput], *, truncate: bool) -> list[PreparedInput]:
         """Decode and preprocess image bytes; a bad image fails with its index named."""
         images: list[object] = []
         for index, data in enumerate(inputs):

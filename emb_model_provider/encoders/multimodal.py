@@ -32,7 +32,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput, ContextLengthExceeded
-from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
+from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.image import blank_image, blank_png
 from emb_model_provider.encoders.runtime import (
     oom_releases_cache,
@@ -88,6 +88,7 @@ class ImagePayload:
 
 class MultimodalEncoder:
     modality: Literal["multimodal"] = "multimodal"
+    task: Literal["embed"] = "embed"
 
     def __init__(
         self,
@@ -135,9 +136,12 @@ class MultimodalEncoder:
         #: may be more (SigLIP at 224 pixels: 196 patches, 64 text tokens).
         self.max_input_tokens = max(max_text_tokens, self.image_positions)
 
-    def prepare(self, inputs: Sequence[str | bytes], *, truncate: bool) -> list[PreparedInput]:
+    def prepare(self, inputs: Sequence[EncoderInput], *, truncate: bool) -> list[PreparedInput]:
         """Tokenise the texts (``str``) and decode and preprocess the images (``bytes``) of
         ``inputs``, in order; a bad image or an over-long text fails with its index named."""
+        for index, value in enumerate(inputs):
+            if not isinstance(value, (str, bytes)):
+                raise BadInput(index, "neither a text nor an image")
         text_at = [index for index, value in enumerate(inputs) if isinstance(value, str)]
         image_at = [index for index, value in enumerate(inputs) if isinstance(value, bytes)]
         prepared: list[PreparedInput | None] = [None] * len(inputs)

@@ -44,7 +44,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from emb_model_provider.core.errors import BadInput
 from emb_model_provider.core.kinds import Pooling
 from emb_model_provider.encoders import bert_unpadded
-from emb_model_provider.encoders.base import LoadOptions, PreparedInput, Vectors
+from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
     oom_releases_cache,
     release,
@@ -101,6 +101,7 @@ def length_groups(lengths: Sequence[int], pad_share: float | None) -> list[tuple
 
 class TextEncoder:
     modality: Literal["text"] = "text"
+    task: Literal["embed"] = "embed"
 
     def __init__(
         self,
@@ -173,7 +174,7 @@ class TextEncoder:
         return None if name is None else self.prompts[name]
 
     def prepare(
-        self, inputs: Sequence[str | bytes], *, truncate: bool, prompt: str | None = None
+        self, inputs: Sequence[EncoderInput], *, truncate: bool, prompt: str | None = None
     ) -> list[PreparedInput]:
         texts = [_text(index, value) for index, value in enumerate(inputs)]
         skip = 0
@@ -290,7 +291,7 @@ def _lowercase(tokenizer: Tokenizer) -> None:
         tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), current])
 
 
-def _text(index: int, value: str | bytes) -> str:
+def _text(index: int, value: EncoderInput) -> str:
     if not isinstance(value, str):
         raise BadInput(index, "not text")
     return value

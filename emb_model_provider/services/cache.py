@@ -41,6 +41,7 @@ import numpy as np
 
 from emb_model_provider.core import tracing
 from emb_model_provider.core.vectors import Vectors
+from emb_model_provider.encoders.base import EncoderInput
 from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, resolve_source
 from emb_model_provider.registry import ModelSpec
 
@@ -371,7 +372,7 @@ class CacheScope:
     context: bytes
     dimensions: int
 
-    def keys(self, data: Sequence[str | bytes]) -> list[bytes]:
+    def keys(self, data: Sequence[EncoderInput]) -> list[bytes]:
         keys: list[bytes] = []
         for item in data:
             hasher = hashlib.sha256(self.context)
@@ -379,6 +380,12 @@ class CacheScope:
                 hasher.update(b"t")
                 # Lone surrogates can arrive through JSON escapes; they must hash, not raise.
                 hasher.update(item.encode("utf-8", "surrogatepass"))
+            elif isinstance(item, tuple):  # a reranker's (query, document): length-prefixed
+                hasher.update(b"p")
+                for text in item:
+                    encoded = text.encode("utf-8", "surrogatepass")
+                    hasher.update(struct.pack("<Q", len(encoded)))
+                    hasher.update(encoded)
             else:
                 hasher.update(b"b")
                 hasher.update(item)
@@ -433,8 +440,11 @@ class ResultCache:
         digest.update(json.dumps(context, sort_keys=True).encode())
         return CacheScope(digest.digest(), dimensions)
 
-    async def keys(self, scope: CacheScope, data: Sequence[str | bytes]) -> list[bytes]:
-        size = sum(len(item) for item in data)
+    async def keys(self, scope: CacheScope, data: Sequence[EncoderInput]) -> list[bytes]:
+        size = sum(
+            len(item) if not isinstance(item, tuple) else len(item[0]) + len(item[1])
+            for item in data
+        )
         if size <= _INLINE_HASH_BYTES:
             return scope.keys(data)
         return await asyncio.to_thread(scope.keys, data)

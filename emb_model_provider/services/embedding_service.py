@@ -9,7 +9,7 @@ theirs (``core/tracing.py``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -22,7 +22,14 @@ from emb_model_provider.core.errors import (
     InvalidRequest,
     ModelLoadFailed,
 )
-from emb_model_provider.encoders.base import Encoder, PreparedInput, PromptedEncoder, Vectors
+from emb_model_provider.core.kinds import Task
+from emb_model_provider.encoders.base import (
+    Encoder,
+    EncoderInput,
+    PreparedInput,
+    PromptedEncoder,
+    Vectors,
+)
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, Inputs, render_embeddings
 from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.cache import CachedVector, ResultCache
@@ -50,6 +57,37 @@ class Embedded:
     vectors: Vectors
     prompt_tokens: int
     model: str
+
+
+@dataclass(frozen=True)
+class Computed:
+    """What the encoder returned for a request's inputs, in order (vectors, or a reranker's
+    logits), the tokens the model processed, and the encoder (for task-specific finishing)."""
+
+    rows: Vectors
+    prompt_tokens: int
+    encoder: Encoder
+
+
+#: Per task: what its models are called and where they are served, for the error that names the
+#: route a model belongs on; and the prefix of its trace spans.
+_TASK_ROUTES: dict[Task, tuple[str, str]] = {
+    "embed": ("an embedding model", "/v1/embeddings"),
+    "rerank": ("a reranker", "/v1/rerank"),
+}
+_SPAN_PREFIX: dict[Task, str] = {"embed": "embeddings", "rerank": "rerank"}
+
+
+def check_task(spec: ModelSpec, serves: Task, wanted: Task) -> None:
+    """Refuse a model named on the routes of a task it does not serve."""
+    if serves != wanted:
+        noun, route = _TASK_ROUTES[serves]
+        raise InvalidRequest(
+            f"The model `{spec.name}` is {noun} (task `{serves}`), served on {route}; "
+            f"this route takes {_TASK_ROUTES[wanted][0].split(' ', 1)[1]}s (task `{wanted}`).",
+            param="model",
+            code="wrong_model_task",
+        )
 
 
 @dataclass(frozen=True)
@@ -147,27 +185,62 @@ class EmbeddingService:
         (Matryoshka-style: a prefix of a unit vector is scaled back to unit length).
         ``prompt_name`` (else the name's pinned prompt, else the model's default) is prepended
         to every text."""
-        async with self._models.use(spec) as model:
-            self._check_dimensions(dimensions, model.encoder.dimensions)
-            prompt = _prompt(spec, model.encoder, prompt_name)
-            if self.cache.enabled and model.fingerprint is not None:
-                vectors, prompt_tokens = await self._embed_cached(model, data, background, prompt)
-            else:
-                prepared = await self._prepare(model.encoder, data, prompt)
-                prompt_tokens = self._check_tokens(prepared, model)
-                vectors = _stack(await model.batcher.embed(prepared, background=background))
+        computed = await self.run(
+            spec,
+            data,
+            task="embed",
+            background=background,
+            prompt_name=prompt_name,
+            check=lambda encoder: self._check_dimensions(dimensions, encoder.dimensions),
+        )
+        vectors = computed.rows
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if normalize:
             vectors = _l2(vectors)
-        return Embedded(np.ascontiguousarray(vectors), prompt_tokens, spec.name)
+        return Embedded(np.ascontiguousarray(vectors), computed.prompt_tokens, spec.name)
+
+    async def run(
+        self,
+        spec: ModelSpec,
+        data: Sequence[EncoderInput],
+        *,
+        task: Task,
+        background: bool = False,
+        prompt_name: str | None = None,
+        truncate: bool | None = None,
+        check: Callable[[Encoder], None] | None = None,
+    ) -> Computed:
+        """What every task shares: the model (refused when it serves another task), ``check``
+        of the loaded encoder, the prompt, the result cache, tokenisation, the context and
+        per-request token limits, and the dynamic batcher. ``truncate``: the request's choice,
+        else the server's."""
+        known = self._models.registry.task(spec)
+        if known is not None:  # refused before a load
+            check_task(spec, known, task)
+        truncate = self._limits.truncate if truncate is None else truncate
+        async with self._models.use(spec) as model:
+            check_task(spec, model.encoder.task, task)
+            if check is not None:
+                check(model.encoder)
+            prompt = _prompt(spec, model.encoder, prompt_name)
+            if self.cache.enabled and model.fingerprint is not None:
+                rows, prompt_tokens = await self._embed_cached(
+                    model, data, background, prompt, truncate
+                )
+            else:
+                prepared = await self._prepare(model.encoder, data, prompt, truncate)
+                prompt_tokens = self._check_tokens(prepared, model)
+                rows = _stack(await model.batcher.embed(prepared, background=background))
+        return Computed(rows, prompt_tokens, model.encoder)
 
     async def _embed_cached(
         self,
         model: LoadedModel,
-        data: Sequence[str | bytes],
+        data: Sequence[EncoderInput],
         background: bool,
         prompt: str | None,
+        truncate: bool,
     ) -> tuple[Vectors, int]:
         """Raw vectors and tokens through the result cache: only the inputs it does not hold
         (and nobody is computing) go to the model; usage counts every input."""
@@ -179,7 +252,7 @@ class EmbeddingService:
             modality=encoder.modality,
             dimensions=encoder.dimensions,
             max_input_tokens=encoder.max_input_tokens,
-            truncate=self._limits.truncate,
+            truncate=truncate,
             placement=encoder.placement,
             prompt=prompt,
         )
@@ -187,7 +260,7 @@ class EmbeddingService:
         async def compute(indices: list[int], tokens_known: int) -> list[CachedVector]:
             subset = [data[index] for index in indices]
             try:
-                prepared = await self._prepare(encoder, subset, prompt)
+                prepared = await self._prepare(encoder, subset, prompt, truncate)
             except BadInput as exc:  # name the input by its place in the request
                 raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
             self._check_tokens(prepared, model, tokens_known=tokens_known)
@@ -203,19 +276,23 @@ class EmbeddingService:
         return _stack([entry.array() for entry in entries]), prompt_tokens
 
     async def _prepare(
-        self, encoder: Encoder, data: Sequence[str | bytes], prompt: str | None = None
+        self,
+        encoder: Encoder,
+        data: Sequence[EncoderInput],
+        prompt: str | None,
+        truncate: bool,
     ) -> list[PreparedInput]:
         """Tokenise (a thread of the pool: tokenizers is Rust, no torch) or decode and preprocess
         images (the model thread: the image processors run torch kernels, see
         ``core/model_thread.py``); a multimodal model's texts and images each their way."""
         image = encoder.modality == "image"
-        name = "embeddings.preprocess_images" if image else "embeddings.tokenize"
+        prefix = _SPAN_PREFIX[encoder.task]
+        name = f"{prefix}.preprocess_images" if image else f"{prefix}.tokenize"
         if encoder.modality == "multimodal":
-            name = "embeddings.prepare_inputs"  # texts tokenised, images preprocessed
-        truncate = self._limits.truncate
+            name = f"{prefix}.prepare_inputs"  # texts tokenised, images preprocessed
         with tracing.leaf(name, {"emb.inputs": len(data)}) as current:
             if encoder.modality == "multimodal":
-                prepared = await self._prepare_mixed(encoder, data)
+                prepared = await self._prepare_mixed(encoder, data, truncate)
             elif prompt is not None and isinstance(encoder, PromptedEncoder):
                 prepared = await asyncio.to_thread(
                     encoder.prepare, data, truncate=truncate, prompt=prompt
@@ -229,7 +306,7 @@ class EmbeddingService:
             return prepared
 
     async def _prepare_mixed(
-        self, encoder: Encoder, data: Sequence[str | bytes]
+        self, encoder: Encoder, data: Sequence[EncoderInput], truncate: bool
     ) -> list[PreparedInput]:
         text_at = [index for index, value in enumerate(data) if isinstance(value, str)]
         image_at = [index for index, value in enumerate(data) if isinstance(value, bytes)]
@@ -238,7 +315,6 @@ class EmbeddingService:
             if not indices:
                 return []
             subset = [data[index] for index in indices]
-            truncate = self._limits.truncate
             try:
                 if on_model_thread:
                     return await model_thread.run(encoder.prepare, subset, truncate=truncate)

@@ -63,14 +63,14 @@ class Metrics:
         )
         self._inputs = Counter(
             f"{PREFIX}_inputs",
-            "Inputs (texts, token arrays, images) embedded, by model.",
-            ["model"],
+            "Inputs (texts, token arrays, images; a reranker's documents), by model and task.",
+            ["model", "task"],
             registry=self.registry,
         )
         self._tokens = Counter(
             f"{PREFIX}_tokens",
-            "Tokens (usage.prompt_tokens) embedded, by model.",
-            ["model"],
+            "Tokens (usage.prompt_tokens) processed, by model and task.",
+            ["model", "task"],
             registry=self.registry,
         )
         ProcessCollector(registry=self.registry)
@@ -86,12 +86,13 @@ class Metrics:
         model: str | None,
         inputs: int,
         tokens: int,
+        task: str = "embed",
     ) -> None:
         self._requests.labels(route, method, model or "", str(status)).inc()
         self._latency.labels(route, method).observe(duration_s)
         if model:
-            self._inputs.labels(model).inc(inputs)
-            self._tokens.labels(model).inc(tokens)
+            self._inputs.labels(model, task).inc(inputs)
+            self._tokens.labels(model, task).inc(tokens)
 
     def watch_cache(self, cache: ResultCache) -> None:
         """Export the result cache's counters (read at scrape time)."""

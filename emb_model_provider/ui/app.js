@@ -236,15 +236,84 @@
     const select = $("model-select");
     const previous = select.value;
     select.replaceChildren();
-    for (const card of models.cards) {
+    // Rerankers have their own panel; they serve no embeddings.
+    const embedders = models.cards.filter((card) => card.task !== "rerank");
+    for (const card of embedders) {
       const dims = card.dimensions ? `, ${card.dimensions} d` : "";
       select.append(el("option", { value: card.id, text: `${card.id} (${card.modality}${dims})` }));
     }
-    const names = models.cards.map((card) => card.id);
+    const names = embedders.map((card) => card.id);
     if (names.includes(previous)) select.value = previous;
     else if (names.includes(models.defaultModel)) select.value = models.defaultModel;
     showModelHint();
     renderPromptSelect();
+    renderRerankSelect();
+  }
+
+  // -- rerank ------------------------------------------------------------------------------------
+
+  function renderRerankSelect() {
+    const select = $("rerank-model");
+    const previous = select.value;
+    select.replaceChildren();
+    const rerankers = models.cards.filter((card) => card.task === "rerank");
+    for (const card of rerankers) select.append(el("option", { value: card.id, text: card.id }));
+    if (rerankers.some((card) => card.id === previous)) select.value = previous;
+    $("rerank-none").hidden = rerankers.length > 0;
+    $("rerank-button").disabled = rerankers.length === 0;
+  }
+
+  async function rerank(event) {
+    event.preventDefault();
+    const documents = $("rerank-documents")
+      .value.split("\n")
+      .map((line) => line.trim())
+      .filter(Boolean);
+    const query = $("rerank-query").value.trim();
+    const errorRegion = $("rerank-error");
+    if (!query || documents.length === 0) {
+      showError(errorRegion, { message: "Type a query and at least one document." });
+      return;
+    }
+    const body = { model: $("rerank-model").value, query, documents };
+    const state = $("rerank-state");
+    state.textContent = `Ranking ${documents.length} document${documents.length === 1 ? "" : "s"}…`;
+    const started = performance.now();
+    let reply;
+    try {
+      reply = await call("POST", "/v1/rerank", { body });
+    } catch (error) {
+      showError(errorRegion, error);
+      $("rerank-results").replaceChildren();
+      state.textContent = "Failed.";
+      return;
+    }
+    showError(errorRegion, null);
+    const elapsed = Math.round(performance.now() - started);
+    state.textContent = `Done: ${reply.usage.prompt_tokens} tokens, ${elapsed} ms.`;
+    // The ranked list in the nearest-neighbours style: document, score, a bar for the score.
+    $("rerank-results").replaceChildren(
+      ...reply.results.map((item) => {
+        const fill = el("span");
+        fill.style.width = `${Math.min(1, Math.max(0, item.relevance_score)) * 100}%`;
+        return el(
+          "li",
+          { dataset: { index: item.index, value: String(item.relevance_score) } },
+          el(
+            "div",
+            { class: "neighbour" },
+            el("span", {
+              class: "neighbour-label",
+              title: documents[item.index],
+              text: `${item.index + 1}. ${documents[item.index]}`,
+            }),
+            el("span", { class: "neighbour-value", text: item.relevance_score.toFixed(4) }),
+            el("span", { class: "bar", "aria-hidden": "true" }, fill),
+          ),
+        );
+      }),
+    );
+    refreshStatus();
   }
 
   // Multimodal models (CLIP, SigLIP) take texts and images in one space: say what that gives.
@@ -762,6 +831,7 @@
     });
 
     $("embed-form").addEventListener("submit", embed);
+    $("rerank-form").addEventListener("submit", rerank);
     $("clear-inputs").addEventListener("click", () => {
       $("texts").value = "";
       images.splice(0, images.length);
