@@ -361,6 +361,18 @@ class DenseHead:
         ]
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes of the layers' float32 weights on the device."""
+        tensors = [
+            tensor
+            for step in self._steps
+            if step is not None
+            for tensor in (step.weight, step.bias, step.residual)
+            if tensor is not None
+        ]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    @property
     def out_features(self) -> int | None:
         layers = [step for step in self._steps if step is not None]
         return int(layers[-1].weight.shape[0]) if layers else None

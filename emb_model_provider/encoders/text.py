@@ -137,7 +137,6 @@ class TextEncoder:
         self.prompts: dict[str, str] = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
         self.placement = f"{device} ({str(dtype).removeprefix('torch.')})"
-        self.memory_bytes = weight_bytes(model)
         self._special_ids = special_ids
         base = Tokenizer.from_str(tokenizer.to_str())
         if do_lower_case:
@@ -160,6 +159,13 @@ class TextEncoder:
             bert_unpadded.UnpaddedBert(model) if bert_unpadded.supports(model) else None
         )
         self.backend: Backend = "bert-unpadded" if self._unpadded else "length-grouped"
+        #: What the model holds on its device: its weights, the unpadded forward's fused copies
+        #: and the Dense heads (the manager evicts by it).
+        self.memory_bytes = (
+            weight_bytes(model)
+            + (self._unpadded.fused_bytes if self._unpadded else 0)
+            + sum(head.weight_bytes for head in (dense, token_head) if head is not None)
+        )
         #: Pad share a length group may have; None: the whole batch in one padded forward
         #: (a GPU wants few large kernels more than it minds pad tokens).
         self.pad_share: float | None = _CPU_PAD_SHARE if device.type == "cpu" else None
@@ -273,6 +279,10 @@ class TextEncoder:
 
     def close(self) -> None:
         with self._forward_lock:
+            # The copies first, so that the release's collection and cache flush count them.
+            if self._unpadded is not None:
+                self._unpadded.close()
+            self._dense = self._token_head = None
             release(self._model, self._device)
 
 
