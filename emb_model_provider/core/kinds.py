@@ -16,3 +16,8 @@ POOLING_MODES: tuple[Pooling, ...] = get_args(Pooling)
 
 #: The dtypes a model may be loaded in (settings add ``auto``: the device's best).
 DType = Literal["float32", "float16", "bfloat16"]
+
+#: Where a model's images are decoded and preprocessed: on the model thread (on CPU, where the
+#: image processors' torch kernels share its one OpenMP team, ``core/model_thread.py``) or on
+#: the decode workers (on a GPU, so that the model thread only launches forwards).
+PrepareThread = Literal["model", "worker"]
