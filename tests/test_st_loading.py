@@ -228,8 +228,13 @@ def test_an_order_that_cannot_be_honoured_is_refused(with_dense: Path, root: Pat
         ),
         (
             "sentence_bert_config.json",
-            {"processing_kwargs": {"text": {"padding_side": "left"}}},
-            "processing_kwargs",
+            {"processing_kwargs": {"text": {"max_length": 16}}},
+            "processing_kwargs.text",
+        ),
+        (
+            "sentence_bert_config.json",
+            {"processing_kwargs": {"common": {"truncation": False}}},
+            "processing_kwargs.common",
         ),
         (
             "sentence_bert_config.json",
@@ -262,7 +267,7 @@ def test_the_served_defaults_of_those_keys_load(with_dense: Path, root: Path) ->
             "transformer_task": "feature-extraction",
             "module_output_name": "token_embeddings",
             "query_length": None,
-            "processing_kwargs": {},
+            "processing_kwargs": {"chat_template": {"add_generation_prompt": False}, "text": {}},
         },
     )
     _edit(path / "2_Dense" / "config.json", {"module_input_name": "sentence_embedding"})

@@ -78,8 +78,10 @@ _TRANSFORMER_DEFAULTS: dict[str, object] = {
     "query_length": None,
     "document_length": None,
     "query_expansion": None,
-    "processing_kwargs": None,
 }
+#: The ``processing_kwargs`` entries that reach a plain text's tokenisation (the others are for
+#: images, audio, video and chat messages, which a text model is not sent).
+_TEXT_PROCESSING = ("common", "text")
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,13 @@ def _check_transformer_keys(config: dict[str, Any], config_file: Path) -> None:
             raise SourceError(
                 f"{config_file}: {key} = {json.dumps(value)} is not supported "
                 f"(served: {json.dumps(served)})"
+            )
+    processing = config.get("processing_kwargs") or {}
+    for key in _TEXT_PROCESSING:
+        if isinstance(processing, dict) and processing.get(key):
+            raise SourceError(
+                f"{config_file}: processing_kwargs.{key} = {json.dumps(processing[key])} is not "
+                "supported (the model's tokenizer is applied as saved)"
             )
 
 
