@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="ours,ours-bf16,naive,infinity",
-        help="ours,ours-bf16,ours-t1,ours-passive,ours-traced,naive,infinity",
+        help="ours,ours-bf16,ours-t1,ours-passive,ours-traced,ours-traced-10,naive,infinity",
     )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy our server under bulk and chatty"

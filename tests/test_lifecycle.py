@@ -15,8 +15,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 
 from emb_model_provider.encoders.base import LoadOptions
+from emb_model_provider.encoders.runtime import weight_bytes
+from emb_model_provider.encoders.text import TextEncoder
 from emb_model_provider.registry import ModelSpec, Registry
 from emb_model_provider.security.keys import hash_key
 from emb_model_provider.services.models import BatchLimits, ModelManager
@@ -242,3 +245,37 @@ def test_a_loaded_model_is_frozen_out_of_the_collector_and_an_unloaded_one_freed
         manager.close()
     assert cycle() is None  # collected although it was frozen
     assert gc.get_freeze_count() > 10_000  # the rest frozen again
+
+
+def test_the_unpadded_forwards_fused_copies_are_counted_and_freed_on_unload() -> None:
+    """The BERT forward without padding keeps query, key and value fused, a copy beside the
+    model's weights: the memory the manager evicts by counts it, and an unload frees it even
+    while something still holds the encoder (as a thread-pool worker may for a moment)."""
+    spec, manager = _bundled_manager("fused")
+
+    held: list[object] = []
+
+    async def load_and_unload() -> tuple[int, int, int, list[weakref.ref[torch.Tensor]]]:
+        model = await manager.get(spec)
+        encoder = model.encoder
+        assert isinstance(encoder, TextEncoder) and encoder._unpadded is not None
+        fused = [tensor for pair in encoder._unpadded._qkv for tensor in pair]
+        weights = weight_bytes(encoder._model)
+        status = manager.status(spec).memory_bytes
+        assert status is not None
+        watched = [weakref.ref(tensor) for tensor in fused]
+        copies = sum(tensor.numel() * tensor.element_size() for tensor in fused)
+        held.append(encoder)
+        del model, encoder, fused
+        assert await manager.unload("fused")
+        return status, weights, copies, watched
+
+    try:
+        status, weights, copies, watched = asyncio.run(load_and_unload())
+    finally:
+        manager.close()
+    # all-MiniLM-L6-v2: 6 layers of 384 x 1152 fused weights and 1152 biases, float32.
+    assert copies == 6 * (384 * 1152 + 1152) * 4
+    assert status == weights + copies
+    assert held
+    assert all(ref() is None for ref in watched)

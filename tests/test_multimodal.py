@@ -25,6 +25,7 @@ from transformers import AutoModel, AutoProcessor
 
 from emb_model_provider.core import model_thread
 from emb_model_provider.encoders.base import PreparedInput
+from emb_model_provider.encoders.runtime import image_prepare_thread
 from emb_model_provider.services.embedding_service import EmbeddingService, RequestLimits
 from tests.live import live_server, test_settings
 from tests.test_cache import cache_status
@@ -492,6 +493,82 @@ def test_mixed_inputs_prepare_images_on_the_model_thread_and_texts_off_it() -> N
     model = model_thread.call(threading.get_ident)
     assert encoder.threads["image"] == {model}
     assert encoder.threads["text"] and model not in encoder.threads["text"]
+
+
+def test_images_are_prepared_on_the_model_thread_on_cpu_and_on_a_decode_worker_on_a_gpu() -> None:
+    """The choice follows the device; no GPU is needed to check it."""
+    assert image_prepare_thread(torch.device("cpu")) == "model"
+    assert image_prepare_thread(torch.device("cuda", 0)) == "worker"
+    assert image_prepare_thread(torch.device("mps")) == "worker"
+
+
+class _WorkerKindRecorder(_KindRecorder):
+    """As on a GPU: images go to the decode workers."""
+
+    image_prepare_thread = "worker"
+
+
+def _names(idents: set[int]) -> set[str]:
+    by_ident = {thread.ident: thread.name for thread in threading.enumerate()}
+    return {by_ident.get(ident, "?") for ident in idents}
+
+
+@pytest.mark.parametrize("modality", ["multimodal", "image"])
+def test_a_gpu_models_images_are_decoded_off_the_model_thread(modality: str) -> None:
+    """With the choice forced as a GPU makes it, the model thread decodes nothing: images go to a
+    decode worker, texts to the pool, and the inputs keep their order."""
+    limits = RequestLimits(max_inputs_per_request=8, max_tokens_per_request=1024, truncate=True)
+    service = EmbeddingService(None, limits, None)  # type: ignore[arg-type]  # only _prepare runs
+    encoder = _WorkerKindRecorder()
+    encoder.modality = modality
+    data: list[str | bytes] = (
+        ["one", b"png", "three", b"jpeg!"] if modality == "multimodal" else [b"png", b"jpeg!"]
+    )
+    prepared = asyncio.run(service._prepare(encoder, data))  # type: ignore[arg-type]
+    assert [item.payload for item in prepared] == data
+    model = model_thread.call(threading.get_ident)
+    assert encoder.threads["image"] and model not in encoder.threads["image"]
+    assert {name.split("_")[0] for name in _names(encoder.threads["image"])} == {"decode"}
+    if modality == "multimodal":
+        assert encoder.threads["text"] and model not in encoder.threads["text"]
+
+
+def test_a_real_encoder_forced_to_decode_on_a_worker_gives_the_same_inputs(tmp_path: Path) -> None:
+    """A tiny CLIP loaded on CPU, its choice forced to the GPU's: its images are decoded and
+    preprocessed on a decode worker, into the same pixels, and encode to the same vectors."""
+    from benchmarks.multimodal_model import build
+    from emb_model_provider.encoders.base import LoadOptions
+    from emb_model_provider.encoders.multimodal import load_multimodal_encoder
+
+    encoder = load_multimodal_encoder(
+        str(build(tmp_path / "clip", size="tiny")),
+        revision=None,
+        max_input_tokens=None,
+        pooling=None,
+        options=LoadOptions(device="cpu", dtype="float32"),
+    )
+    assert encoder.image_prepare_thread == "model"
+    limits = RequestLimits(max_inputs_per_request=8, max_tokens_per_request=4096, truncate=True)
+    service = EmbeddingService(None, limits, None)  # type: ignore[arg-type]  # only _prepare runs
+    data: list[str | bytes] = ["a photo of a cat", _png(3), _jpeg_exif_rotated()]
+    prepare = encoder.prepare
+    threads: set[int] = set()
+
+    def noting(inputs: list[str | bytes], *, truncate: bool) -> list[PreparedInput]:
+        if any(isinstance(value, bytes) for value in inputs):
+            threads.add(threading.get_ident())
+        return prepare(inputs, truncate=truncate)
+
+    encoder.prepare = noting  # type: ignore[method-assign]
+    on_model = asyncio.run(service._prepare(encoder, data))
+    assert threads == {model_thread.call(threading.get_ident)}
+    threads.clear()
+    encoder.image_prepare_thread = "worker"
+    on_worker = asyncio.run(service._prepare(encoder, data))
+    assert threads and model_thread.call(threading.get_ident) not in threads
+    assert {name.split("_")[0] for name in _names(threads)} == {"decode"}
+    np.testing.assert_array_equal(encoder.encode(on_worker), encoder.encode(on_model))
+    encoder.close()
 
 
 def test_token_arrays_are_decoded_to_text(

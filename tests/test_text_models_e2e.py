@@ -19,6 +19,7 @@ from sentence_transformers import SentenceTransformer
 from benchmarks.families import build
 from emb_model_provider.cli import main
 from emb_model_provider.services.models import ModelManager
+from tests.conftest import BUNDLED_DIR
 from tests.live import live_app, live_server, test_settings
 from tests.tiny_text_models import text_models_file, tiny_custom_code_model
 
@@ -124,13 +125,31 @@ def test_unknown_prompt_name_is_a_400(client: openai.OpenAI) -> None:
     error = caught.value.body
     assert isinstance(error, dict)
     assert error["param"] == "prompt_name"
-    assert "passage, query" in error["message"]
+    assert "document, passage, query" in error["message"]
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(
-            model="all-MiniLM-L6-v2", input="x", extra_body={"prompt_name": "query"}
+            model="all-MiniLM-L6-v2", input="x", extra_body={"prompt_name": "passage"}
         )
     assert isinstance(caught.value.body, dict)
     assert caught.value.body["param"] == "prompt_name"
+    assert "document, query" in caught.value.body["message"]
+
+
+def test_query_and_document_prompts_work_on_every_text_model(client: openai.OpenAI) -> None:
+    """sentence-transformers 6 gives every model the prompts ``query`` and ``document`` (empty
+    unless the model defines them): on a model that saved none (all-MiniLM-L6-v2, as
+    all-mpnet-base-v2) both names are served as ``encode_query`` and ``encode_document``."""
+    reference = SentenceTransformer(str(BUNDLED_DIR), device="cpu")
+    expected = {
+        "query": reference.encode_query(TEXTS, normalize_embeddings=True),
+        "document": reference.encode_document(TEXTS, normalize_embeddings=True),
+    }
+    for name, ref in expected.items():
+        response = client.embeddings.create(
+            model="all-MiniLM-L6-v2", input=TEXTS, extra_body={"prompt_name": name}
+        )
+        _assert_same(_vectors(response), ref)
+        assert response.usage.prompt_tokens == _tokens(reference, "")
 
 
 def test_cache_key_includes_the_prompt(

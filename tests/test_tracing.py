@@ -9,12 +9,9 @@ import gzip
 import io
 import json
 import os
-import pickle
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,8 +22,6 @@ import numpy as np
 import openai
 import pytest
 from fastapi import FastAPI
-from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -34,28 +29,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SimpleSpanProcessor,
-    SpanExportResult,
-)
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import (
-    Link,
-    NonRecordingSpan,
-    SpanContext,
-    SpanKind,
-    StatusCode,
-    TraceFlags,
-    TraceState,
-)
 from PIL import Image
 
 from emb_model_provider.api.middleware import UNTRACED_PATHS
-from emb_model_provider.core import trace_export, tracing
+from emb_model_provider.core import tracing
 from emb_model_provider.encoders.base import PreparedInput, Vectors
 from emb_model_provider.scheduler import DynamicBatcher
 from tests.conftest import AccessLog
@@ -709,124 +686,41 @@ def test_the_server_span_follows_the_sampler_and_records_an_escaping_error(
     assert failed.start_ns <= step_span.start_ns <= step_span.end_ns <= failed.end_ns
 
 
-# The export process (core/trace_export.py).
+# The export runs in the server's process.
 
 
-def _spans_of_every_shape() -> list[ReadableSpan]:
-    """Finished SDK spans with what the OTLP encoder reads: a remote parent with a trace state,
-    kinds, attributes of every type, events, links with attributes, an error status, a scope
-    with a schema URL, and counts of what the span limits dropped."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": "shapes"}),
-        span_limits=SpanLimits(max_span_attributes=6, max_events=1, max_links=2),
-    )
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer(
-        "shapes", "1.2", schema_url="https://opentelemetry.io/schemas/1.26.0"
-    )
-    remote = SpanContext(
-        int(TRACE_ID, 16),
-        int(PARENT_ID, 16),
-        is_remote=True,
-        trace_flags=TraceFlags(TraceFlags.SAMPLED),
-        trace_state=TraceState([("vendor", "value"), ("other", "x")]),
-    )
-    attributes = {"s": "text", "b": True, "i": 7, "f": 0.5, "seq": ("a", "b"), "ints": (1, 2)}
-    with tracer.start_as_current_span(
-        "server", context=trace.set_span_in_context(NonRecordingSpan(remote)), kind=SpanKind.SERVER
-    ) as server:
-        server.set_attributes(attributes)
-        server.set_attribute("over the limit", 1)
-        linked = [Link(remote, {"why": "merged"}), Link(server.get_span_context()), Link(remote)]
-        with tracer.start_as_current_span("child", links=linked) as child:
-            child.add_event("first", {"n": 1}, timestamp=123)
-            child.add_event("over the limit")
-            child.set_status(StatusCode.ERROR, "it broke")
-        with tracer.start_as_current_span("plain", kind=SpanKind.CLIENT):
-            pass
-    provider.shutdown()
-    return list(exporter.get_finished_spans())
-
-
-def test_spans_reach_the_export_process_exactly_as_the_encoder_would_see_them() -> None:
-    """What the server pickles down the pipe and the export process rebuilds encodes to the same
-    OTLP bytes as the spans themselves (the official encoder as the judge)."""
-    spans = _spans_of_every_shape()
-    assert any(span.dropped_attributes for span in spans)
-    assert any(span.dropped_events and span.dropped_links for span in spans)
-    resource = spans[0].resource
-    wires = pickle.loads(pickle.dumps([trace_export.to_wire(span) for span in spans]))
-    scopes: dict[trace_export.ScopeWire, InstrumentationScope] = {}
-    rebuilt = [trace_export.from_wire(wire, resource, scopes) for wire in wires]
-    expected = encode_spans(spans).SerializeToString(deterministic=True)
-    assert encode_spans(rebuilt).SerializeToString(deterministic=True) == expected
-
-
-def _zombie_or_gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
-def _pipe_span(provider: TracerProvider, name: str) -> None:
-    with provider.get_tracer("pipe").start_as_current_span(name):
-        pass
+def _children() -> set[int]:
+    tasks = Path(f"/proc/{os.getpid()}/task")
+    return {
+        int(pid)
+        for task in tasks.iterdir()
+        if (task / "children").exists()
+        for pid in (task / "children").read_text().split()
+    }
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_export_process_is_its_own_and_one_that_dies_or_hangs_is_replaced(
-    receiver: OtlpReceiver, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The official exporter runs in a child process, out of the server's process group (a
-    Ctrl-C at the terminal does not end it before the server's last spans). One killed is
-    started again at the next batch; one that stops reading costs the batch it could not take,
-    within the write timeout, and is replaced."""
+def test_spans_are_exported_by_the_server_process_itself(receiver: OtlpReceiver) -> None:
+    """The official exporter runs in the batch processor's thread: tracing starts no process,
+    and the spans a request ended just before shutdown are exported by it."""
+    before = _children()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url)
-        pipe = trace_export.SpanPipe(Resource.create({"service.name": "piped"}), timeout_s=0.2)
-    provider = TracerProvider(resource=Resource.create({"service.name": "piped"}))
-    provider.add_span_processor(BatchSpanProcessor(pipe, schedule_delay_millis=20))
+        env.setenv("OTEL_SERVICE_NAME", "in-process")
+        traced = tracing.start_tracing("test")
+    token = tracing.activate(traced.tracer)
     try:
-        first = pipe.pid
-        assert first is not None and first != os.getpid()
-        assert os.getpgid(first) != os.getpgid(0)  # a Ctrl-C at the terminal does not reach it
-        _pipe_span(provider, "before")
-        receiver.wait_for("span via the child", lambda spans: bool(_named(spans, "before")))
-        assert pipe.pid == first
-
-        os.kill(first, signal.SIGKILL)
-        deadline = time.monotonic() + DEADLINE_S
-        while not _zombie_or_gone(first) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        _pipe_span(provider, "after a kill")
-        receiver.wait_for("span after a kill", lambda spans: bool(_named(spans, "after a kill")))
-        second = pipe.pid
-        assert second is not None and second != first
-        assert "exited" in caplog.text
-
-        os.kill(second, signal.SIGSTOP)  # reads nothing more, holds the pipe
-        big = [_big_span(index) for index in range(3000)]  # ~3 MB, more than the pipe holds
-        started = time.monotonic()
-        assert pipe.export(big) == SpanExportResult.FAILURE
-        assert time.monotonic() - started < 10
-        assert "dropped" in caplog.text
-        assert _zombie_or_gone(second)
-        _pipe_span(provider, "after a hang")
-        receiver.wait_for("span after a hang", lambda spans: bool(_named(spans, "after a hang")))
-        assert pipe.pid not in (None, first, second)
+        with tracing.span("last words"), tracing.leaf("a last step"):
+            pass
+        assert _children() <= before
     finally:
-        provider.shutdown()
-    assert pipe.pid is None
-
-
-def _named(spans: Sequence[Received], name: str) -> list[Received]:
-    return [
-        span for span in spans if span.name == name and span.resource["service.name"] == "piped"
-    ]
-
-
-def _big_span(index: int) -> ReadableSpan:
-    context = SpanContext(index + 1, index + 1, is_remote=False, trace_flags=TraceFlags(1))
-    return ReadableSpan(f"big {index}", context, attributes={"payload": f"{index:08d}" * 125})
+        tracing.deactivate(token)
+        traced.shutdown()
+    spans = receiver.wait_for(
+        "spans of the in-process export",
+        lambda found: (
+            {"last words", "a last step"}
+            <= {span.name for span in found if span.resource["service.name"] == "in-process"}
+        ),
+    )
+    assert _one(spans, "a last step").parent_id == _one(spans, "last words").span_id

@@ -253,6 +253,19 @@ def make_targets(names: list[str], install_timeout_s: float) -> list[Target]:
             env={"EMB_PROVIDER_CACHE": "off", "OTEL_TRACES_SAMPLER": "always_on"},
             version=__version__,
         ),
+        # Same, with the sampling docs/operations.md recommends for production: one trace in ten
+        # (parent-based, so a caller's sampled trace is still followed).
+        "ours-traced-10": Target(
+            "ours-traced-10",
+            "emb-model-provider, traced (OTLP), 1 in 10 sampled",
+            ours_argv,
+            env={
+                "EMB_PROVIDER_CACHE": "off",
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            },
+            version=__version__,
+        ),
         "naive": Target("naive", "naive FastAPI + encode()", _naive_argv, ready_paths=("/health",)),
         "infinity": Target(
             "infinity",
@@ -265,7 +278,7 @@ def make_targets(names: list[str], install_timeout_s: float) -> list[Target]:
     targets = []
     for name in names:
         target = known[name]
-        if name == "ours-traced":
+        if name.startswith("ours-traced"):
             target.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = _trace_sink().endpoint
         if name == "infinity":
             target.version, target.error = ensure_infinity(install_timeout_s)

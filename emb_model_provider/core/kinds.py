@@ -23,3 +23,8 @@ DType = Literal["float32", "float16", "bfloat16"]
 #: served as a task it was not built for.
 Task = Literal["embed", "rerank"]
 TASKS: tuple[Task, ...] = get_args(Task)
+
+#: Where a model's images are decoded and preprocessed: on the model thread (on CPU, where the
+#: image processors' torch kernels share its one OpenMP team, ``core/model_thread.py``) or on
+#: the decode workers (on a GPU, so that the model thread only launches forwards).
+PrepareThread = Literal["model", "worker"]

@@ -1,4 +1,5 @@
-"""The one thread that runs the models: warm-up, image preprocessing, forward, release.
+"""The one thread that runs the models: warm-up, image preprocessing on CPU, forward, release;
+and the decode workers, which decode and preprocess images for a model on a GPU.
 
 PyTorch's CPU kernels split their work over OpenMP threads, and OpenMP (libgomp) keeps one thread
 team per thread that calls into it. When several threads call torch (the loader, a batcher per
@@ -13,6 +14,12 @@ Loading is the exception: it can take minutes (a download, a large checkpoint) a
 up the models already serving, so it runs on a thread of its own that ends with it, and libgomp
 releases that thread's team when the thread exits (measured: the model thread is back to 4.9 ms
 once the loader is gone).
+
+On a GPU the model thread's work is to keep the device fed: a forward it launches runs on the
+device while the thread prepares the next. Decoding images there (Pillow, then the processor's
+resize and normalisation on the CPU) would leave the device idle meanwhile, so for such models
+images go to the decode workers (``run_decode``), two threads: the CPU kernels they run start two
+OpenMP teams at most, whatever the number of requests.
 
 Torch-free on purpose: the services and the batcher hand callables to it without importing torch.
 """
@@ -55,6 +62,16 @@ def call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 async def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Await ``fn`` on the model thread without blocking the event loop."""
     return await asyncio.wrap_future(_executor.submit(fn, *args, **kwargs))
+
+
+#: Decode workers: Pillow releases the GIL while it decodes, so two decode at once.
+_decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+
+
+async def run_decode(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Await ``fn`` on a decode worker (never the model thread) without blocking the event
+    loop: image decoding and preprocessing for a model on a GPU."""
+    return await asyncio.wrap_future(_decoders.submit(fn, *args, **kwargs))
 
 
 def drain() -> None:

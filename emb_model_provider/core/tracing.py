@@ -14,18 +14,16 @@ it, so the service, the cache and the image fetches find it without a parameter,
 Two kinds of span. ``span`` is the SDK's own, made current for the block, for spans that have
 children or run seldom (the server span, a Batch API line, an image fetch). ``leaf`` is for the
 short steps every request takes (input checks, tokenisation, the cache lookup) and the queue
-wait: spans without children whose start and end this module times itself, queued as they are
-(``trace_export.Finished``) in the SDK's ``BatchSpanProcessor``. They skip what a leaf does not
-need: making the span current, the sampler (a leaf is recorded exactly when its parent is, which
-is what the default parent-based sampler decides), the attribute locks, the copy the SDK makes
-of every span when it ends, and the ``ReadableSpan`` itself.
+wait: spans without children, which this module times itself and hands to the SDK once they are
+over, through its public calls only (``Tracer.start_span(start_time=...)`` and
+``Span.end(end_time=...)``). They skip making a span current for the block, and the queue wait
+is written by the request's own thread rather than the model's.
 
-The processor's exporter is not in this process: ``trace_export.SpanPipe`` pickles each batch
-to a child process that runs the official OTLP exporter, because the protobuf encoding, done
-here, cost chatty traffic 5-8 % of its throughput (``core/trace_export.py`` and
-``docs/operations.md``, "What it costs", have the figures). In-process, a traced one-input request
-now costs ~0.06 ms of CPU on the request's thread (the SDK's server span is half of it) and
-~0.025 ms on the processor's.
+The SDK's ``BatchSpanProcessor`` hands the finished spans to the official ``OTLPSpanExporter``
+in its own thread, in this process. Through the server, chatty traffic sampled in full pays a
+few per cent of its throughput for it (``docs/operations.md``, "What it costs", has the figures
+and the sampling to run in production); the heap frozen after a model load (``core/heap.py``)
+keeps the collector from multiplying that cost.
 
 The batcher's worker thread has no request context: each queued input carries an ``Origin``
 (tracer, the span that queued it, when) and the forward pass becomes a span of its own trace,
@@ -43,11 +41,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Protocol, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Tracer
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 TRACER_NAME = "emb_model_provider"
@@ -60,29 +57,11 @@ Attributes = Mapping[str, AttributeValue]
 Served = tuple[SpanContext, int]
 
 
-class RecordLeaf(Protocol):
-    """Hands a finished leaf span, a child of ``parent``, to the exporter; ``error`` is the
-    exception that ended it, if one did."""
-
-    def __call__(
-        self,
-        name: str,
-        parent: SpanContext,
-        start_ns: int,
-        end_ns: int,
-        attributes: Attributes,
-        *,
-        links: Sequence[Link] = (),
-        error: Exception | None = None,
-    ) -> None: ...
-
-
 @dataclass(frozen=True, eq=False)
 class AppTracer:
-    """An app's SDK tracer, and how its leaf spans are written (``leaf``)."""
+    """An app's SDK tracer: ``span`` opens its spans, ``leaf`` writes its finished ones."""
 
     sdk: Tracer
-    record: RecordLeaf
 
 
 _TRACER: ContextVar[AppTracer | None] = ContextVar("emb_model_provider_tracer", default=None)
@@ -100,47 +79,51 @@ class Tracing:
 
 def start_tracing(service_version: str) -> Tracing:
     """A provider exporting over OTLP/HTTP in the background, configured by the standard
-    ``OTEL_*`` variables: the SDK's ``BatchSpanProcessor`` hands its batches to the official
-    exporter in a process of its own (``core/trace_export.py``)."""
+    ``OTEL_*`` variables: the SDK's ``BatchSpanProcessor`` and the official exporter."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-
-    from emb_model_provider.core.trace_export import Finished, SpanPipe, export_timeout_s
 
     resource = Resource.create({SERVICE_VERSION: service_version})
     # Resource.create falls back to "unknown_service:<executable>" when the environment names no
     # service; ours is a better fallback, and an OTEL_SERVICE_NAME still wins.
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-
-    ids = RandomIdGenerator()
-    # The sampler comes from OTEL_TRACES_SAMPLER.
-    provider = TracerProvider(resource=resource, id_generator=ids)
-    processor = BatchSpanProcessor(
-        SpanPipe(resource, export_timeout_s(), leaf_scope=(TRACER_NAME, service_version, None))
-    )
-    provider.add_span_processor(processor)
-
-    def record(
-        name: str,
-        parent: SpanContext,
-        start_ns: int,
-        end_ns: int,
-        attributes: Attributes,
-        *,
-        links: Sequence[Link] = (),
-        error: Exception | None = None,
-    ) -> None:
-        span_id = ids.generate_span_id()
-        failure = (type(error).__qualname__, str(error)) if error is not None else None
-        finished = Finished(name, parent, span_id, start_ns, end_ns, attributes, links, failure)
-        # The processor queues it as it is (it reads only the sampled flag); the pipe sends it.
-        processor.on_end(cast(ReadableSpan, finished))
-
-    tracer = AppTracer(provider.get_tracer(TRACER_NAME, service_version), record)
+    # The sampler comes from OTEL_TRACES_SAMPLER, the batch sizes from OTEL_BSP_*, the endpoint,
+    # headers and timeout from OTEL_EXPORTER_OTLP_*.
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    tracer = AppTracer(provider.get_tracer(TRACER_NAME, service_version))
     return Tracing(tracer, provider.shutdown)
+
+
+def _record(
+    tracer: AppTracer,
+    name: str,
+    parent: otel_context.Context,
+    attributes: Attributes,
+    *,
+    start_ns: int,
+    end_ns: int,
+    links: Sequence[Link] = (),
+    error: Exception | None = None,
+) -> None:
+    """A finished leaf span, child of the span current in ``parent``; an exception that ended it
+    is recorded as the SDK's spans record one (an ``exception`` event, an error status), by its
+    type and message only: a formatted traceback costs more than the whole span."""
+    current = tracer.sdk.start_span(
+        name, context=parent, attributes=attributes, links=links, start_time=start_ns
+    )
+    if error is not None:
+        kind, message = type(error).__qualname__, str(error)
+        current.add_event(
+            "exception",
+            {"exception.type": kind, "exception.message": message},
+            timestamp=end_ns,
+        )
+        current.set_status(Status(StatusCode.ERROR, f"{kind}: {message}"))
+    current.end(end_time=end_ns)
 
 
 def activate(tracer: AppTracer | None) -> Token[AppTracer | None]:
@@ -191,21 +174,31 @@ def leaf(
     tracer = _TRACER.get()
     if tracer is None:
         return _NO_SPAN
-    parent = trace.get_current_span()
-    if not parent.is_recording():
+    parent = otel_context.get_current()
+    if not trace.get_current_span(parent).is_recording():
         return _NO_SPAN
-    return _timed(tracer, name, parent.get_span_context(), Leaf(attributes))
+    return _timed(tracer, name, parent, Leaf(attributes))
 
 
 @contextlib.contextmanager
-def _timed(tracer: AppTracer, name: str, parent: SpanContext, current: Leaf) -> Iterator[Leaf]:
+def _timed(
+    tracer: AppTracer, name: str, parent: otel_context.Context, current: Leaf
+) -> Iterator[Leaf]:
     start = time.time_ns()
     try:
         yield current
     except Exception as exc:
-        tracer.record(name, parent, start, time.time_ns(), current.attributes, error=exc)
+        _record(
+            tracer,
+            name,
+            parent,
+            current.attributes,
+            start_ns=start,
+            end_ns=time.time_ns(),
+            error=exc,
+        )
         raise
-    tracer.record(name, parent, start, time.time_ns(), current.attributes)
+    _record(tracer, name, parent, current.attributes, start_ns=start, end_ns=time.time_ns())
 
 
 @contextlib.contextmanager
@@ -282,11 +275,12 @@ def queue_waits(origin: Origin, served: Sequence[Served]) -> None:
         if forward.span_id in seen:
             continue
         seen.add(forward.span_id)
-        origin.tracer.record(
+        _record(
+            origin.tracer,
             "batcher.queue_wait",
-            origin.span_context,
-            origin.queued_ns,
-            max(started_ns, origin.queued_ns),
+            origin.context,
             {},
+            start_ns=origin.queued_ns,
+            end_ns=max(started_ns, origin.queued_ns),
             links=(Link(forward),),
         )

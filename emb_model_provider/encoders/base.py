@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from emb_model_provider.core.kinds import Modality, Task
+from emb_model_provider.core.kinds import Modality, PrepareThread, Task
 from emb_model_provider.core.vectors import Vectors
 
 __all__ = [
@@ -88,6 +88,14 @@ class Encoder(Protocol):
     def close(self) -> None:
         """Free the weights; the encoder is not used afterwards."""
         ...
+
+
+@runtime_checkable
+class ImagePreparing(Protocol):
+    """An encoder that takes images, and says on which thread they are decoded and
+    preprocessed (its ``prepare`` for images)."""
+
+    image_prepare_thread: PrepareThread
 
 
 @runtime_checkable

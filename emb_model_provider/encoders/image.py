@@ -25,8 +25,10 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
+from emb_model_provider.core.kinds import PrepareThread
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
+    image_prepare_thread,
     oom_releases_cache,
     release,
     torch_runtime,
@@ -60,6 +62,7 @@ class ImageEncoder:
         self._dtype = dtype
         self.placement = f"{device} ({str(dtype).removeprefix('torch.')})"
         self.memory_bytes = weight_bytes(model)
+        self.image_prepare_thread: PrepareThread = image_prepare_thread(device)
         self._forward_lock = threading.Lock()
         probe = self._forward(preprocess([blank_image()]))
         self.dimensions = int(probe[1].shape[1])

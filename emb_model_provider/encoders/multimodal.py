@@ -32,9 +32,11 @@ import torch
 from transformers import AutoModel, AutoProcessor, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput, ContextLengthExceeded
+from emb_model_provider.core.kinds import PrepareThread
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.image import blank_image, blank_png
 from emb_model_provider.encoders.runtime import (
+    image_prepare_thread,
     oom_releases_cache,
     release,
     torch_runtime,
@@ -117,6 +119,7 @@ class MultimodalEncoder:
         self._dtype = dtype
         self.placement = f"{device} ({str(dtype).removeprefix('torch.')})"
         self.memory_bytes = weight_bytes(model)
+        self.image_prepare_thread: PrepareThread = image_prepare_thread(device)
         self._forward_lock = threading.Lock()
         # A fast tokenizer's truncation and padding are set on the shared Rust tokenizer on each
         # call, so two threads tokenising at once would race.

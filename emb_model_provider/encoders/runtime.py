@@ -10,6 +10,7 @@ from typing import cast
 import torch
 from transformers.utils import logging as hf_logging
 
+from emb_model_provider.core.kinds import PrepareThread
 from emb_model_provider.encoders.base import LoadOptions
 from emb_model_provider.encoders.sources import SourceError
 
@@ -25,6 +26,14 @@ def torch_runtime(options: LoadOptions) -> tuple[torch.device, torch.dtype]:
     if device.type == "cpu" and options.dtype == "float16":  # as EMB_PROVIDER_DTYPE (core/device)
         raise SourceError("float16 is not supported on the CPU; use float32 or bfloat16")
     return device, _DTYPES[options.dtype]
+
+
+def image_prepare_thread(device: torch.device) -> PrepareThread:
+    """Where a model on ``device`` has its images decoded and preprocessed: on CPU the model
+    thread (the processors' torch kernels would otherwise start OpenMP teams of their own, see
+    ``core/model_thread.py``); on an accelerator the decode workers, so that the model thread,
+    which feeds the device, runs only forwards."""
+    return "model" if device.type == "cpu" else "worker"
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

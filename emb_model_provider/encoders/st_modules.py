@@ -3,9 +3,20 @@
 A sentence-transformers directory lists its modules in ``modules.json``; the ones a text
 embedding model is made of are served here: Transformer (``sentence_bert_config.json``:
 ``max_seq_length``, ``do_lower_case``), Pooling (``1_Pooling/config.json``: every mode of
-``Pooling.py`` and ``include_prompt``), Dense (a linear layer and an activation) and Normalize.
-Prompts come from ``config_sentence_transformers.json``. Any other module fails the load with a
-line that names it: nothing is imported from a name a model directory gives.
+``Pooling.py`` and ``include_prompt``), Dense (a linear layer, an activation, an optional
+residual) and Normalize. Prompts come from ``config_sentence_transformers.json``. Any other
+module fails the load with a line that names it: nothing is imported from a name a model
+directory gives.
+
+The modules run in their saved order, each on the feature it names (``module_input_name``, as
+sentence-transformers 6 does): a Dense or Normalize on ``token_embeddings`` before Pooling is
+applied to every token before pooling, one on ``sentence_embedding`` after it. An order that
+cannot be honoured (a token-level module after Pooling, which would change nothing, or a
+sentence-level one before it, which has no input yet) fails the load with a line saying so, as
+does any saved key that would change the vectors and is not served (a ``model_type`` other than
+SentenceTransformer, per-task lengths, query expansion, processing arguments, a Transformer
+task or output other than feature extraction's token embeddings). Nothing that changes vectors
+is ignored.
 
 Pooling works on the flat layout, every sentence's real tokens one after another (the
 arithmetic of ``Pooling._forward_padded`` on right-padded rows, which ``_forward_flattened``
@@ -18,7 +29,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +63,26 @@ _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
 
 _MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 
+Feature = Literal["token_embeddings", "sentence_embedding"]
+_FEATURES: tuple[Feature, ...] = ("token_embeddings", "sentence_embedding")
+
+#: The ``model_type`` of a saved sentence-transformers model this loader serves (older saves
+#: have none, which sentence-transformers reads as this).
+SENTENCE_TRANSFORMER = "SentenceTransformer"
+
+#: Transformer keys (``sentence_bert_config.json``) that change vectors and are not served,
+#: with the value that is served; anything else set fails the load by name.
+_TRANSFORMER_DEFAULTS: dict[str, object] = {
+    "transformer_task": "feature-extraction",
+    "module_output_name": "token_embeddings",
+    "query_length": None,
+    "document_length": None,
+    "query_expansion": None,
+}
+#: The ``processing_kwargs`` entries that reach a plain text's tokenisation (the others are for
+#: images, audio, video and chat messages, which a text model is not sent).
+_TEXT_PROCESSING = ("common", "text")
+
 
 @dataclass(frozen=True)
 class PoolingConfig:
@@ -71,6 +102,16 @@ class DenseConfig:
     out_features: int
     bias: bool
     activation: str
+    #: ``use_residual``: the input added back (through a bias-free projection when the sizes
+    #: differ).
+    residual: bool = False
+    #: The feature it reads and writes: ``sentence_embedding`` (after Pooling) or
+    #: ``token_embeddings`` (before it).
+    feature: Feature = "sentence_embedding"
+
+
+#: A step of the token-level or sentence-level head: a Dense layer, or an L2 normalisation.
+Step = DenseConfig | Literal["normalize"]
 
 
 @dataclass(frozen=True)
@@ -81,12 +122,18 @@ class SentenceConfig:
     max_seq_length: int | None = None
     do_lower_case: bool = False
     pooling: PoolingConfig | None = None
+    #: Steps on every token before pooling (a Dense or Normalize on ``token_embeddings``).
+    token_steps: tuple[Step, ...] = ()
+    #: Dense layers after pooling.
     dense: tuple[DenseConfig, ...] = ()
     #: The model ends with Normalize. The encoder leaves it to the service, which normalises
     #: unless the models file says ``normalize: false`` (then the vectors before Normalize).
     normalize: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+    #: False: a plain transformers checkpoint (no ``modules.json``), whose pooling
+    #: sentence-transformers picks from the architecture.
+    has_modules: bool = True
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -103,52 +150,136 @@ def read_sentence_config(model_dir: Path) -> SentenceConfig:
     prompts, default_prompt = _read_prompts(model_dir)
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():  # a plain transformers checkpoint
-        return SentenceConfig(model_dir, prompts=prompts, default_prompt_name=default_prompt)
+        return SentenceConfig(
+            model_dir, prompts=prompts, default_prompt_name=default_prompt, has_modules=False
+        )
     try:
         modules = json.loads(modules_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SourceError(f"cannot read {modules_file}: {exc}") from exc
+    if not isinstance(modules, list):
+        raise SourceError(f"{modules_file} is not a list of modules")
     transformer_dir = model_dir
     max_seq_length: int | None = None
     do_lower_case = False
     pooling: PoolingConfig | None = None
+    token_steps: list[Step] = []
     dense: list[DenseConfig] = []
     normalize = False
-    for module in modules:
-        type_path = str(module.get("type", ""))
+    for index, module in enumerate(modules):
+        type_path = str(module.get("type", "")) if isinstance(module, dict) else ""
         kind = type_path.rsplit(".", 1)[-1]
-        path = model_dir / str(module.get("path", ""))
         if not type_path.startswith("sentence_transformers.") or kind not in _MODULES:
             raise SourceError(
                 f"sentence-transformers module {type_path or json.dumps(module)} is not supported "
                 f"(supported: {', '.join(_MODULES)})"
             )
+        path = model_dir / str(module.get("path", ""))
+        if (kind == "Transformer") != (index == 0):
+            raise SourceError(
+                f"{modules_file}: the Transformer must be the first module and the only one "
+                f"(found {kind} at position {index})"
+            )
         if kind == "Transformer":
             transformer_dir = path
-            config_file = path / "sentence_bert_config.json"
-            if config_file.is_file():
-                config = _read_json(config_file)
-                max_seq_length = config.get("max_seq_length")
-                do_lower_case = bool(config.get("do_lower_case", False))
-                _check_text_modality(config, config_file)
-        elif kind == "Pooling":
+            max_seq_length, do_lower_case = _transformer_config(path)
+            continue
+        if kind == "Pooling":
+            if pooling is not None:
+                raise SourceError(f"{modules_file}: more than one Pooling module")
             pooling = pooling_config(_read_json(path / "config.json"))
-        elif normalize:
+            continue
+        if normalize:
             raise SourceError(f"sentence-transformers module {type_path} after Normalize")
-        elif kind == "Dense":
-            dense.append(_dense_config(path))
+        step: Step = _dense_config(path) if kind == "Dense" else "normalize"
+        feature = step.feature if isinstance(step, DenseConfig) else _normalize_feature(path)
+        if (feature == "token_embeddings") != (pooling is None):
+            raise SourceError(
+                f"{path.name} ({kind}) reads {feature} "
+                + (
+                    "after Pooling, where it would not change the sentence embedding"
+                    if pooling
+                    else "before Pooling, where there is no sentence embedding yet"
+                )
+                + "; this module order is not supported"
+            )
+        if pooling is None:
+            token_steps.append(step)
+        elif isinstance(step, DenseConfig):
+            dense.append(step)
         else:
             normalize = True
+    if pooling is None:
+        raise SourceError(
+            f"{modules_file} has no Pooling module: no sentence embedding is made "
+            "(token-level models are not served)"
+        )
     return SentenceConfig(
         transformer_dir,
         max_seq_length=max_seq_length,
         do_lower_case=do_lower_case,
         pooling=pooling,
+        token_steps=tuple(token_steps),
         dense=tuple(dense),
         normalize=normalize,
         prompts=prompts,
         default_prompt_name=default_prompt,
     )
+
+
+def _transformer_config(path: Path) -> tuple[int | None, bool]:
+    """``max_seq_length`` and ``do_lower_case`` of a Transformer module, once its other keys
+    are known to be served."""
+    config_file = path / "sentence_bert_config.json"
+    if not config_file.is_file():
+        return None, False
+    config = _read_json(config_file)
+    _check_text_modality(config, config_file)
+    _check_transformer_keys(config, config_file)
+    return config.get("max_seq_length"), bool(config.get("do_lower_case", False))
+
+
+def _check_transformer_keys(config: dict[str, Any], config_file: Path) -> None:
+    """Refuse, by name, a Transformer setting that would change vectors and is not served."""
+    for key, served in _TRANSFORMER_DEFAULTS.items():
+        value = config.get(key, served)
+        if value != served and not (served is None and value in ({}, [])):
+            raise SourceError(
+                f"{config_file}: {key} = {json.dumps(value)} is not supported "
+                f"(served: {json.dumps(served)})"
+            )
+    processing = config.get("processing_kwargs") or {}
+    for key in _TEXT_PROCESSING:
+        if isinstance(processing, dict) and processing.get(key):
+            raise SourceError(
+                f"{config_file}: processing_kwargs.{key} = {json.dumps(processing[key])} is not "
+                "supported (the model's tokenizer is applied as saved)"
+            )
+
+
+def _feature(value: object, where: Path, key: str) -> Feature:
+    for feature in _FEATURES:
+        if value == feature:
+            return feature
+    raise SourceError(
+        f"{where}: {key} {json.dumps(value)} is not supported ({', '.join(_FEATURES)})"
+    )
+
+
+def _normalize_feature(path: Path) -> Feature:
+    """The feature a Normalize module normalises (its ``module_input_name``; it writes it back
+    in place unless ``module_output_name`` says otherwise, which is not served)."""
+    config_file = path / "config.json"
+    config = _read_json(config_file) if config_file.is_file() else {}
+    feature = _feature(
+        config.get("module_input_name", "sentence_embedding"), config_file, "module_input_name"
+    )
+    if config.get("module_output_name", feature) != feature:
+        raise SourceError(
+            f"{config_file}: module_output_name {json.dumps(config['module_output_name'])} "
+            "differs from module_input_name, which is not supported"
+        )
+    return feature
 
 
 def _check_text_modality(config: dict[str, Any], config_file: Path) -> None:
@@ -165,6 +296,12 @@ def _read_prompts(model_dir: Path) -> tuple[dict[str, str], str | None]:
     if not config_file.is_file():
         return {}, None
     config = _read_json(config_file)
+    model_type = config.get("model_type", SENTENCE_TRANSFORMER)
+    if model_type != SENTENCE_TRANSFORMER:
+        raise SourceError(
+            f"{config_file}: model_type {json.dumps(model_type)} is not a {SENTENCE_TRANSFORMER} "
+            "embedding model (sentence-transformers would drop its head and mean-pool it)"
+        )
     raw = config.get("prompts") or {}
     if not isinstance(raw, dict):
         raise SourceError(f"{config_file}: prompts must be an object of name -> text")
@@ -199,6 +336,15 @@ def _dense_config(path: Path) -> DenseConfig:
             f"Dense activation {activation} in {path} is not supported "
             f"(torch.nn {', '.join(_ACTIVATIONS)})"
         )
+    config_file = path / "config.json"
+    feature = _feature(
+        config.get("module_input_name", "sentence_embedding"), config_file, "module_input_name"
+    )
+    if config.get("module_output_name", feature) not in (None, feature):
+        raise SourceError(
+            f"{config_file}: module_output_name {json.dumps(config['module_output_name'])} "
+            "differs from module_input_name, which is not supported"
+        )
     try:
         return DenseConfig(
             path=path,
@@ -206,43 +352,86 @@ def _dense_config(path: Path) -> DenseConfig:
             out_features=int(config["out_features"]),
             bias=bool(config.get("bias", True)),
             activation=activation.rsplit(".", 1)[-1],
+            residual=bool(config.get("use_residual", False)),
+            feature=feature,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise SourceError(f"{path}/config.json: bad Dense config ({exc})") from exc
+        raise SourceError(f"{config_file}: bad Dense config ({exc})") from exc
 
 
 class DenseHead:
-    """The Dense modules after pooling, float32: ``activation(x @ W.T + b)`` each."""
+    """Dense and Normalize steps, in order, float32: ``activation(x @ W.T + b)`` (plus the
+    input, or its projection, with ``use_residual``) for a Dense; ``x / |x|`` for a Normalize.
+    Applied to pooled vectors (rows: sentences) or, before pooling, to tokens (rows: tokens)."""
 
-    def __init__(self, configs: Sequence[DenseConfig], device: torch.device) -> None:
-        self._layers: list[tuple[torch.Tensor, torch.Tensor | None, torch.nn.Module]] = []
-        for config in configs:
-            weights_file = config.path / "model.safetensors"
-            if not weights_file.is_file():
-                raise SourceError(
-                    f"{config.path} has no model.safetensors (pickled Dense weights are not loaded)"
-                )
-            state = load_file(str(weights_file))
-            weight = state.get("linear.weight")
-            if weight is None or tuple(weight.shape) != (config.out_features, config.in_features):
-                raise SourceError(f"{weights_file}: no linear.weight of the configured shape")
-            bias = state.get("linear.bias") if config.bias else None
-            self._layers.append(
-                (
-                    weight.to(device, torch.float32),
-                    None if bias is None else bias.to(device, torch.float32),
-                    _ACTIVATIONS[config.activation](),
-                )
-            )
+    def __init__(self, steps: Sequence[Step], device: torch.device) -> None:
+        self._steps: list[_DenseLayer | None] = [
+            None if step == "normalize" else _DenseLayer.load(step, device) for step in steps
+        ]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the layers' float32 weights on the device."""
+        tensors = [
+            tensor
+            for step in self._steps
+            if step is not None
+            for tensor in (step.weight, step.bias, step.residual)
+            if tensor is not None
+        ]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
     @property
     def out_features(self) -> int | None:
-        return int(self._layers[-1][0].shape[0]) if self._layers else None
+        layers = [step for step in self._steps if step is not None]
+        return int(layers[-1].weight.shape[0]) if layers else None
 
-    def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
-        for weight, bias, activation in self._layers:
-            pooled = activation(F.linear(pooled, weight, bias))
-        return pooled
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        for step in self._steps:
+            rows = F.normalize(rows, p=2, dim=-1) if step is None else step(rows)
+        return rows
+
+
+@dataclass(frozen=True)
+class _DenseLayer:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    activation: torch.nn.Module
+    #: With ``use_residual``: the identity (None) or the projection of a size change.
+    residual: torch.Tensor | None
+    use_residual: bool
+
+    @classmethod
+    def load(cls, config: DenseConfig, device: torch.device) -> _DenseLayer:
+        weights_file = config.path / "model.safetensors"
+        if not weights_file.is_file():
+            raise SourceError(
+                f"{config.path} has no model.safetensors (pickled Dense weights are not loaded)"
+            )
+        state = load_file(str(weights_file))
+        weight = state.get("linear.weight")
+        if weight is None or tuple(weight.shape) != (config.out_features, config.in_features):
+            raise SourceError(f"{weights_file}: no linear.weight of the configured shape")
+        bias = state.get("linear.bias") if config.bias else None
+        residual: torch.Tensor | None = None
+        if config.residual and config.in_features != config.out_features:
+            residual = state.get("residual.weight")
+            if residual is None or tuple(residual.shape) != tuple(weight.shape):
+                raise SourceError(f"{weights_file}: no residual.weight of the configured shape")
+            residual = residual.to(device, torch.float32)
+        return cls(
+            weight.to(device, torch.float32),
+            None if bias is None else bias.to(device, torch.float32),
+            _ACTIVATIONS[config.activation](),
+            residual,
+            config.residual,
+        )
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.activation(F.linear(rows, self.weight, self.bias))
+        if self.use_residual:
+            out = out + (rows if self.residual is None else F.linear(rows, self.residual))
+        return out
 
 
 def pool_flat(

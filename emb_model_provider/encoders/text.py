@@ -72,6 +72,10 @@ _CPU_PAD_SHARE = 0.10
 #: ... or this many pad tokens, so that short sentences are not split into many small forwards.
 _PAD_SLACK_TOKENS = 64
 
+#: The prompts sentence-transformers 6 gives every model (``SentenceTransformer._default_prompts``),
+#: empty unless the model defines them.
+DEFAULT_PROMPTS: Mapping[str, str] = {"query": "", "document": ""}
+
 
 @dataclass(frozen=True, slots=True)
 class TokenIds:
@@ -117,6 +121,7 @@ class TextEncoder:
         truncation_side: Literal["left", "right"] = "right",
         special_ids: frozenset[int] = frozenset(),
         dense: DenseHead | None = None,
+        token_head: DenseHead | None = None,
         prompts: Mapping[str, str] | None = None,
         default_prompt_name: str | None = None,
     ) -> None:
@@ -126,13 +131,13 @@ class TextEncoder:
         self.pooling = pooling
         self.max_input_tokens = max_input_tokens
         self._dense = dense
-        hidden = int(model.config.hidden_size) * len(pooling.modes)
-        self.dimensions = (dense.out_features if dense else None) or hidden
+        self._token_head = token_head
+        width = (token_head.out_features if token_head else None) or int(model.config.hidden_size)
+        self.dimensions = (dense.out_features if dense else None) or width * len(pooling.modes)
         self.architecture = type(model).__name__
         self.prompts: dict[str, str] = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
         self.placement = f"{device} ({str(dtype).removeprefix('torch.')})"
-        self.memory_bytes = weight_bytes(model)
         self._special_ids = special_ids
         base = Tokenizer.from_str(tokenizer.to_str())
         if do_lower_case:
@@ -155,6 +160,13 @@ class TextEncoder:
             bert_unpadded.UnpaddedBert(model) if bert_unpadded.supports(model) else None
         )
         self.backend: Backend = "bert-unpadded" if self._unpadded else "length-grouped"
+        #: What the model holds on its device: its weights, the unpadded forward's fused copies
+        #: and the Dense heads (the manager evicts by it).
+        self.memory_bytes = (
+            weight_bytes(model)
+            + (self._unpadded.fused_bytes if self._unpadded else 0)
+            + sum(head.weight_bytes for head in (dense, token_head) if head is not None)
+        )
         #: Pad share a length group may have; None: the whole batch in one padded forward
         #: (a GPU wants few large kernels more than it minds pad tokens).
         self.pad_share: float | None = _CPU_PAD_SHARE if device.type == "cpu" else None
@@ -219,6 +231,8 @@ class TextEncoder:
     def _pool(
         self, hidden: torch.Tensor, lengths: torch.Tensor, skip: torch.Tensor
     ) -> torch.Tensor:
+        if self._token_head is not None:
+            hidden = self._token_head(hidden.float())
         return pool_flat(hidden, lengths, skip, self.pooling)
 
     def _encode_grouped(
@@ -266,6 +280,10 @@ class TextEncoder:
 
     def close(self) -> None:
         with self._forward_lock:
+            # The copies first, so that the release's collection and cache flush count them.
+            if self._unpadded is not None:
+                self._unpadded.close()
+            self._dense = self._token_head = None
             release(self._model, self._device)
 
 
@@ -346,8 +364,10 @@ def load_text_encoder(
     )
     if limit > positions:
         raise SourceError(f"max_input_tokens {limit} exceeds the model's {positions} positions")
-    pooling_config = _pooling(config, pooling)
-    all_prompts = {**config.prompts, **(prompts or {})}
+    pooling_config = _pooling(config, pooling, model_config, model_dir)
+    # sentence-transformers 6 gives every model the prompts ``query`` and ``document``, empty
+    # unless the model (or the models file) defines them: ``encode_query`` works on any model.
+    all_prompts = {**DEFAULT_PROMPTS, **config.prompts, **(prompts or {})}
     default_prompt = default_prompt_name or config.default_prompt_name
     if default_prompt is not None and default_prompt not in all_prompts:
         raise SourceError(
@@ -356,6 +376,7 @@ def load_text_encoder(
     pad_id = hf_tokenizer.pad_token_id
     model = model.to(device).eval()
     dense = DenseHead(config.dense, device) if config.dense else None
+    token_head = DenseHead(config.token_steps, device) if config.token_steps else None
     encoder = TextEncoder(
         model,
         backend,
@@ -368,6 +389,7 @@ def load_text_encoder(
         truncation_side="left" if hf_tokenizer.truncation_side == "left" else "right",
         special_ids=frozenset(int(index) for index in hf_tokenizer.all_special_ids),
         dense=dense,
+        token_head=token_head,
         prompts=all_prompts,
         default_prompt_name=default_prompt,
     )
@@ -384,11 +406,28 @@ def load_text_encoder(
     return encoder
 
 
-def _pooling(config: SentenceConfig, override: Pooling | None) -> PoolingConfig:
+def _pooling(
+    config: SentenceConfig, override: Pooling | None, model_config: Any, model_dir: Path
+) -> PoolingConfig:
     include_prompt = config.pooling.include_prompt if config.pooling else True
     if override is not None:
         return PoolingConfig((override,), include_prompt)
-    return config.pooling or PoolingConfig(("mean",), include_prompt)
+    if config.pooling is not None:
+        return config.pooling
+    # No modules.json: sentence-transformers 6.2 builds Transformer + Pooling, last-token for
+    # a model made for causal language modelling (unless its config says it is not causal),
+    # mean for any other (``SentenceTransformer._load_default_modules``).
+    architectures = getattr(model_config, "architectures", None) or []
+    causal = bool(architectures) and str(architectures[0]).endswith("ForCausalLM")
+    mode: Pooling = "lasttoken" if causal and getattr(model_config, "is_causal", True) else "mean"
+    logger.warning(
+        "No modules.json found for %s, initializing a new SentenceTransformer model "
+        "with %s pooling%s",
+        model_dir,
+        mode,
+        f" (a {architectures[0]})" if causal else "",
+    )
+    return PoolingConfig((mode,), include_prompt)
 
 
 def _refuse_custom_code(transformer_dir: Path) -> None:

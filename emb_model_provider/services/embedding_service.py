@@ -26,6 +26,7 @@ from emb_model_provider.core.kinds import Task
 from emb_model_provider.encoders.base import (
     Encoder,
     EncoderInput,
+    ImagePreparing,
     PreparedInput,
     PromptedEncoder,
     Vectors,
@@ -283,8 +284,9 @@ class EmbeddingService:
         truncate: bool,
     ) -> list[PreparedInput]:
         """Tokenise (a thread of the pool: tokenizers is Rust, no torch) or decode and preprocess
-        images (the model thread: the image processors run torch kernels, see
-        ``core/model_thread.py``); a multimodal model's texts and images each their way."""
+        images (where the encoder says: the model thread on CPU, as the image processors run
+        torch kernels, a decode worker on a GPU; see ``core/model_thread.py``); a multimodal
+        model's texts and images each their way."""
         image = encoder.modality == "image"
         prefix = _SPAN_PREFIX[encoder.task]
         name = f"{prefix}.preprocess_images" if image else f"{prefix}.tokenize"
@@ -298,7 +300,7 @@ class EmbeddingService:
                     encoder.prepare, data, truncate=truncate, prompt=prompt
                 )
             elif image:
-                prepared = await model_thread.run(encoder.prepare, data, truncate=truncate)
+                prepared = await _prepare_images(encoder, data, truncate=truncate)
             else:
                 prepared = await asyncio.to_thread(encoder.prepare, data, truncate=truncate)
             if current is not None:
@@ -311,19 +313,19 @@ class EmbeddingService:
         text_at = [index for index, value in enumerate(data) if isinstance(value, str)]
         image_at = [index for index, value in enumerate(data) if isinstance(value, bytes)]
 
-        async def part(indices: list[int], on_model_thread: bool) -> list[PreparedInput]:
+        async def part(indices: list[int], images: bool) -> list[PreparedInput]:
             if not indices:
                 return []
             subset = [data[index] for index in indices]
             try:
-                if on_model_thread:
-                    return await model_thread.run(encoder.prepare, subset, truncate=truncate)
+                if images:
+                    return await _prepare_images(encoder, subset, truncate=truncate)
                 return await asyncio.to_thread(encoder.prepare, subset, truncate=truncate)
             except BadInput as exc:  # name the input by its place in the request
                 raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
 
         texts, images = await asyncio.gather(
-            part(text_at, on_model_thread=False), part(image_at, on_model_thread=True)
+            part(text_at, images=False), part(image_at, images=True)
         )
         prepared: list[PreparedInput | None] = [None] * len(data)
         for indices, items in ((text_at, texts), (image_at, images)):
@@ -412,6 +414,16 @@ class EmbeddingService:
                 code="max_tokens_per_request",
             )
         return total
+
+
+async def _prepare_images(
+    encoder: Encoder, data: Sequence[EncoderInput], *, truncate: bool
+) -> list[PreparedInput]:
+    """``encoder.prepare`` for images where the encoder says: a decode worker for a model on a
+    GPU (the model thread then only launches forwards), else the model thread."""
+    if isinstance(encoder, ImagePreparing) and encoder.image_prepare_thread == "worker":
+        return await model_thread.run_decode(encoder.prepare, data, truncate=truncate)
+    return await model_thread.run(encoder.prepare, data, truncate=truncate)
 
 
 def _prompt(spec: ModelSpec, encoder: Encoder, requested: str | None) -> str | None:

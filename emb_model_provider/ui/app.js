@@ -328,11 +328,15 @@
     const select = $("prompt-select");
     const previous = select.value;
     const card = models.cards.find((item) => item.id === $("model-select").value);
-    const prompts = (card && card.prompts) || {};
+    // Every text model has `query` and `document` (sentence-transformers 6), empty unless the
+    // model defines them: an empty prompt is no prompt, so it is not offered.
+    const prompts = Object.fromEntries(
+      Object.entries((card && card.prompts) || {}).filter(([, text]) => text !== ""),
+    );
     const fallback = card && card.default_prompt_name ? ` (${card.default_prompt_name})` : "";
     select.replaceChildren(el("option", { value: "", text: `Model default${fallback}` }));
     for (const [name, text] of Object.entries(prompts)) {
-      select.append(el("option", { value: name, text: text ? `${name}: “${text}”` : name }));
+      select.append(el("option", { value: name, text: `${name}: “${text}”` }));
     }
     select.value = Object.hasOwn(prompts, previous) ? previous : "";
     select.disabled = Object.keys(prompts).length === 0;
