@@ -472,6 +472,7 @@ class _KindRecorder:
     """A multimodal encoder whose ``prepare`` notes, per kind of input, the thread it ran on."""
 
     modality = "multimodal"
+    task = "embed"
 
     def __init__(self) -> None:
         self.threads: dict[str, set[int]] = {"text": set(), "image": set()}
@@ -488,7 +489,7 @@ def test_mixed_inputs_prepare_images_on_the_model_thread_and_texts_off_it() -> N
     service = EmbeddingService(None, limits, None)  # type: ignore[arg-type]  # only _prepare runs
     encoder = _KindRecorder()
     data: list[str | bytes] = ["one", b"png", "three", b"jpeg!"]
-    prepared = asyncio.run(service._prepare(encoder, data))  # type: ignore[arg-type]
+    prepared = asyncio.run(service._prepare(encoder, data, None, True))  # type: ignore[arg-type]
     assert [item.payload for item in prepared] == data  # input order kept
     model = model_thread.call(threading.get_ident)
     assert encoder.threads["image"] == {model}
@@ -524,7 +525,7 @@ def test_a_gpu_models_images_are_decoded_off_the_model_thread(modality: str) -> 
     data: list[str | bytes] = (
         ["one", b"png", "three", b"jpeg!"] if modality == "multimodal" else [b"png", b"jpeg!"]
     )
-    prepared = asyncio.run(service._prepare(encoder, data))  # type: ignore[arg-type]
+    prepared = asyncio.run(service._prepare(encoder, data, None, True))  # type: ignore[arg-type]
     assert [item.payload for item in prepared] == data
     model = model_thread.call(threading.get_ident)
     assert encoder.threads["image"] and model not in encoder.threads["image"]
@@ -560,11 +561,11 @@ def test_a_real_encoder_forced_to_decode_on_a_worker_gives_the_same_inputs(tmp_p
         return prepare(inputs, truncate=truncate)
 
     encoder.prepare = noting  # type: ignore[method-assign]
-    on_model = asyncio.run(service._prepare(encoder, data))
+    on_model = asyncio.run(service._prepare(encoder, data, None, True))
     assert threads == {model_thread.call(threading.get_ident)}
     threads.clear()
     encoder.image_prepare_thread = "worker"
-    on_worker = asyncio.run(service._prepare(encoder, data))
+    on_worker = asyncio.run(service._prepare(encoder, data, None, True))
     assert threads and model_thread.call(threading.get_ident) not in threads
     assert {name.split("_")[0] for name in _names(threads)} == {"decode"}
     np.testing.assert_array_equal(encoder.encode(on_worker), encoder.encode(on_model))
