@@ -100,7 +100,10 @@ class ModelCard(BaseModel):
     owned_by: str
     # Extensions (OpenAI clients ignore unknown fields).
     modality: Modality
+    #: The size of the vectors a request gets without ``dimensions`` (Matryoshka default).
     dimensions: int | None
+    #: The model's full size: the most ``dimensions`` may ask for (known once loaded).
+    max_dimensions: int | None = None
     max_input_tokens: int | None
     loaded: bool
     aliases: list[str]

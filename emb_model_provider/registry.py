@@ -167,6 +167,24 @@ def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
     return encoder
 
 
+def default_dimensions(spec: ModelSpec, encoder: Encoder) -> int:
+    """The size of the vectors a request that names no ``dimensions`` gets (Matryoshka): the
+    models file's ``dimensions``, else the model's saved ``truncate_dim``, else its full size.
+
+    Raises ``SourceError`` when that is larger than the model's vectors.
+    """
+    saved = getattr(encoder, "truncate_dim", None)  # text models only
+    wanted = spec.dimensions or (saved if isinstance(saved, int) else None)
+    if wanted is None:
+        return encoder.dimensions
+    if wanted > encoder.dimensions:
+        origin = "dimensions" if spec.dimensions else "truncate_dim (sentence-transformers config)"
+        raise SourceError(
+            f"{origin} is {wanted}, but the model's vectors have {encoder.dimensions} dimensions"
+        )
+    return wanted
+
+
 class _ModelEntry(BaseModel):
     """One entry of the models file, validated strictly: a typo is an error, not a default."""
 

@@ -82,8 +82,6 @@ class EmbeddingService:
             spec = self._models.registry.get(request.model)
             inputs = request.inputs()
             self._check_count(len(inputs))
-            if spec.dimensions is not None:
-                self._check_dimensions(request.dimensions, spec.dimensions)
             if spec.modality == "image":
                 values = _image_values(spec, inputs)
             elif spec.modality == "text":
@@ -143,12 +141,14 @@ class EmbeddingService:
         background: bool = False,
         prompt_name: str | None = None,
     ) -> Embedded:
-        """Vectors for ``data``: the first ``dimensions`` components, L2-normalised when asked
-        (Matryoshka-style: a prefix of a unit vector is scaled back to unit length).
-        ``prompt_name`` (else the name's pinned prompt, else the model's default) is prepended
-        to every text."""
+        """Vectors for ``data``: the first ``dimensions`` components (None: the model's
+        default size), L2-normalised when asked (Matryoshka-style: a prefix of a unit vector is
+        scaled back to unit length). ``prompt_name`` (else the name's pinned prompt, else the
+        model's default) is prepended to every text."""
         async with self._models.use(spec) as model:
             self._check_dimensions(dimensions, model.encoder.dimensions)
+            if dimensions is None:
+                dimensions = model.dimensions
             prompt = _prompt(spec, model.encoder, prompt_name)
             if self.cache.enabled and model.fingerprint is not None:
                 vectors, prompt_tokens = await self._embed_cached(model, data, background, prompt)
