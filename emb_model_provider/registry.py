@@ -48,6 +48,8 @@ class ModelSpec:
     #: ``prompt_name`` the prompt its requests get when they name none.
     base: str | None = None
     prompt_name: str | None = None
+    #: int8/uint8 calibration: a file of texts, one per line; None: the built-in set.
+    calibration_texts: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -207,6 +209,8 @@ class _ModelEntry(BaseModel):
     prompts: dict[str, str] = Field(default_factory=dict)
     default_prompt_name: str | None = None
     trust_remote_code: bool | None = None
+    #: A file of texts, one per line, whose vectors fix the int8/uint8 ranges.
+    calibration_texts: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _source_or_base(self) -> _ModelEntry:
@@ -276,9 +280,22 @@ def load_models_file(path: Path) -> list[ModelSpec]:
             trust_remote_code=entry.trust_remote_code,
             base=entry.base,
             prompt_name=entry.prompt_name,
+            calibration_texts=_calibration_file(entry.calibration_texts, path),
         )
         for entry in parsed.models
     ]
+
+
+def _calibration_file(value: str | None, models_file: Path) -> str | None:
+    if value is None:
+        return None
+    local = Path(value).expanduser()
+    local = local if local.is_absolute() else (models_file.parent / local).resolve()
+    if not local.is_file():
+        raise ConfigError(
+            "EMB_PROVIDER_MODELS_FILE", f"{models_file}: calibration_texts {value}: no such file"
+        )
+    return str(local)
 
 
 def _source_beside(source: str, folder: Path) -> str:
@@ -340,6 +357,7 @@ class Registry:
             revision=base.revision,
             dimensions=base.dimensions,
             max_input_tokens=base.max_input_tokens,
+            calibration_texts=base.calibration_texts,
         )
         self._specs[spec.name] = pinned
         for name in pinned.names:

@@ -10,6 +10,7 @@ from emb_model_provider.encoders.base import PromptedEncoder
 from emb_model_provider.protocol import ErrorResponse, ModelCard, ModelList
 from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.models import ModelManager
+from emb_model_provider.services.quantize import ranges_source
 
 router = APIRouter()
 
@@ -37,6 +38,7 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
             or (prompted.default_prompt_name if prompted else weights.default_prompt_name)
         ),
         base=spec.base,
+        quantization_ranges=ranges_source(weights),
     )
 
 

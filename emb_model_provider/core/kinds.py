@@ -16,3 +16,11 @@ POOLING_MODES: tuple[Pooling, ...] = get_args(Pooling)
 
 #: The dtypes a model may be loaded in (settings add ``auto``: the device's best).
 DType = Literal["float32", "float16", "bfloat16"]
+
+#: The integer forms of sentence-transformers' ``quantize_embeddings``: per-dimension buckets
+#: (int8, uint8) or signs packed 8 per byte (binary, ubinary).
+Quantization = Literal["int8", "uint8", "binary", "ubinary"]
+QUANTIZATIONS: tuple[Quantization, ...] = get_args(Quantization)
+
+#: ``encoding_format`` of /v1/embeddings: OpenAI's two and, as extensions, the quantised forms.
+EncodingFormat = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]

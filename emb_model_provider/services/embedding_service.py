@@ -22,18 +22,23 @@ from emb_model_provider.core.errors import (
     InvalidRequest,
     ModelLoadFailed,
 )
+from emb_model_provider.core.kinds import QUANTIZATIONS, Quantization
+from emb_model_provider.core.quantization import IntVectors, quantize
 from emb_model_provider.encoders.base import Encoder, PreparedInput, PromptedEncoder, Vectors
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, Inputs, render_embeddings
 from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.cache import CachedVector, ResultCache
 from emb_model_provider.services.image_inputs import ImageLoader
 from emb_model_provider.services.models import LoadedModel, ModelManager
+from emb_model_provider.services.quantize import Calibrations
 from emb_model_provider.services.token_arrays import decode_token_arrays
 
 #: Token arrays up to this many ids in total are decoded on the event loop (microseconds);
 #: longer ones go to a worker thread.
 _INLINE_DECODE_TOKENS = 4096
 _IMAGE_SCHEMES = ("http://", "https://", "data:")
+#: Calibration texts go to the batcher this many at a time.
+_CALIBRATION_SLICE = 64
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class EmbeddingService:
         self._limits = limits
         self._images = images
         self.cache = cache or ResultCache(None)
+        self.calibrations = Calibrations(self._calibration_vectors)
 
     async def create(self, request: EmbeddingRequest, *, background: bool = False) -> Reply:
         """The response to one /v1/embeddings request. ``background`` (Batch API jobs) yields
@@ -102,13 +108,53 @@ class EmbeddingService:
             background=background,
             prompt_name=request.prompt_name,
         )
+        encoding_format = request.encoding_format or "float"
+        vectors: Vectors | IntVectors = result.vectors
+        if encoding_format in QUANTIZATIONS:
+            vectors = await self.quantized(spec, result.vectors, encoding_format)
         body = render_embeddings(
-            result.vectors,
+            vectors,
             model=result.model,
-            encoding_format=request.encoding_format or "float",
+            encoding_format=encoding_format,
             prompt_tokens=result.prompt_tokens,
         )
         return Reply(body, result.model, len(result.vectors), result.prompt_tokens)
+
+    async def quantized(
+        self, spec: ModelSpec, vectors: Vectors, precision: Quantization
+    ) -> IntVectors:
+        """``vectors`` as ``embed`` returned them for ``spec`` (cut, normalised), quantised: the
+        int8/uint8 ranges are the model's (``services/quantize.py``), never this batch's."""
+        ranges = None
+        if precision in ("int8", "uint8"):
+            async with self._models.use(spec) as model:
+                if model.encoder.modality == "image":
+                    raise InvalidRequest(
+                        f"The model `{spec.name}` has no int8/uint8 calibration (it takes images "
+                        "only); ask for float, base64, binary or ubinary.",
+                        param="encoding_format",
+                    )
+                ranges = await self.calibrations.ranges(
+                    model, int(vectors.shape[1]), normalize=spec.normalize
+                )
+        return quantize(vectors, precision, ranges)
+
+    async def _calibration_vectors(self, model: LoadedModel, texts: list[str]) -> Vectors:
+        """Raw vectors of calibration texts (the model's default prompt, truncated to fit),
+        through the batcher in slices that never fill its queue."""
+        encoder = model.encoder
+        prompt = encoder.prompt_text(None) if isinstance(encoder, PromptedEncoder) else None
+        rows: list[Vectors] = []
+        for start in range(0, len(texts), _CALIBRATION_SLICE):
+            part = texts[start : start + _CALIBRATION_SLICE]
+            if isinstance(encoder, PromptedEncoder):
+                prepared = await asyncio.to_thread(
+                    encoder.prepare, part, truncate=True, prompt=prompt
+                )
+            else:
+                prepared = await asyncio.to_thread(encoder.prepare, part, truncate=True)
+            rows.extend(await model.batcher.embed(prepared))
+        return _stack(rows)
 
     async def embed_images(
         self, model: str, values: Sequence[str | bytes], labels: Sequence[str], *, normalize: bool
