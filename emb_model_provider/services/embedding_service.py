@@ -84,22 +84,7 @@ class EmbeddingService:
     async def create(self, request: EmbeddingRequest, *, background: bool = False) -> Reply:
         """The response to one /v1/embeddings request. ``background`` (Batch API jobs) yields
         the model to interactive requests."""
-        with tracing.leaf("embeddings.check_inputs"):
-            spec = self._models.registry.get(request.model)
-            inputs = request.inputs()
-            self._check_count(len(inputs))
-            if spec.modality == "image":
-                values = _image_values(spec, inputs)
-            elif spec.modality == "text":
-                texts = await self._texts(spec, inputs)
-        if spec.modality == "image":
-            data: Sequence[str | bytes] = await self._images.load(
-                values, [f"input[{index}]" for index in range(len(values))]
-            )
-        elif spec.modality == "multimodal":
-            data = await self._texts_and_images(inputs)
-        else:
-            data = texts
+        spec, data = await self.request_data(request)
         result = await self.embed(
             spec,
             data,
@@ -119,6 +104,27 @@ class EmbeddingService:
             prompt_tokens=result.prompt_tokens,
         )
         return Reply(body, result.model, len(result.vectors), result.prompt_tokens)
+
+    async def request_data(self, request: EmbeddingRequest) -> tuple[ModelSpec, list[str | bytes]]:
+        """The model of a request and its inputs checked and ready for ``embed``: texts as
+        strings, images loaded as bytes (the other wire formats' adapters share this)."""
+        with tracing.leaf("embeddings.check_inputs"):
+            spec = self._models.registry.get(request.model)
+            inputs = request.inputs()
+            self._check_count(len(inputs))
+            if spec.modality == "image":
+                values = _image_values(spec, inputs)
+            elif spec.modality == "text":
+                texts = await self._texts(spec, inputs)
+        if spec.modality == "image":
+            data: Sequence[str | bytes] = await self._images.load(
+                values, [f"input[{index}]" for index in range(len(values))]
+            )
+        elif spec.modality == "multimodal":
+            data = await self._texts_and_images(inputs)
+        else:
+            data = texts
+        return spec, list(data)
 
     async def quantized(
         self, spec: ModelSpec, vectors: Vectors, precision: Quantization
@@ -186,20 +192,32 @@ class EmbeddingService:
         normalize: bool,
         background: bool = False,
         prompt_name: str | None = None,
+        truncate: bool | None = None,
+        prompt_if_known: bool = False,
     ) -> Embedded:
         """Vectors for ``data``: the first ``dimensions`` components (None: the model's
         default size), L2-normalised when asked (Matryoshka-style: a prefix of a unit vector is
         scaled back to unit length). ``prompt_name`` (else the name's pinned prompt, else the
-        model's default) is prepended to every text."""
+        model's default) is prepended to every text; with ``prompt_if_known`` a name the model
+        lacks falls back to that default (Cohere's ``input_type``). ``truncate`` (None: the
+        server's setting) cuts over-long texts or refuses them."""
         async with self._models.use(spec) as model:
             self._check_dimensions(dimensions, model.encoder.dimensions)
             if dimensions is None:
                 dimensions = model.dimensions
+            encoder = model.encoder
+            if prompt_if_known and not (
+                isinstance(encoder, PromptedEncoder) and prompt_name in encoder.prompts
+            ):
+                prompt_name = None
             prompt = _prompt(spec, model.encoder, prompt_name)
+            truncate = self._limits.truncate if truncate is None else truncate
             if self.cache.enabled and model.fingerprint is not None:
-                vectors, prompt_tokens = await self._embed_cached(model, data, background, prompt)
+                vectors, prompt_tokens = await self._embed_cached(
+                    model, data, background, prompt, truncate
+                )
             else:
-                prepared = await self._prepare(model.encoder, data, prompt)
+                prepared = await self._prepare(model.encoder, data, prompt, truncate)
                 prompt_tokens = self._check_tokens(prepared, model)
                 vectors = _stack(await model.batcher.embed(prepared, background=background))
         if dimensions is not None:
@@ -214,6 +232,7 @@ class EmbeddingService:
         data: Sequence[str | bytes],
         background: bool,
         prompt: str | None,
+        truncate: bool,
     ) -> tuple[Vectors, int]:
         """Raw vectors and tokens through the result cache: only the inputs it does not hold
         (and nobody is computing) go to the model; usage counts every input."""
@@ -225,7 +244,7 @@ class EmbeddingService:
             modality=encoder.modality,
             dimensions=encoder.dimensions,
             max_input_tokens=encoder.max_input_tokens,
-            truncate=self._limits.truncate,
+            truncate=truncate,
             placement=encoder.placement,
             prompt=prompt,
         )
@@ -233,7 +252,7 @@ class EmbeddingService:
         async def compute(indices: list[int], tokens_known: int) -> list[CachedVector]:
             subset = [data[index] for index in indices]
             try:
-                prepared = await self._prepare(encoder, subset, prompt)
+                prepared = await self._prepare(encoder, subset, prompt, truncate)
             except BadInput as exc:  # name the input by its place in the request
                 raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
             self._check_tokens(prepared, model, tokens_known=tokens_known)
@@ -249,7 +268,11 @@ class EmbeddingService:
         return _stack([entry.array() for entry in entries]), prompt_tokens
 
     async def _prepare(
-        self, encoder: Encoder, data: Sequence[str | bytes], prompt: str | None = None
+        self,
+        encoder: Encoder,
+        data: Sequence[str | bytes],
+        prompt: str | None = None,
+        truncate: bool | None = None,
     ) -> list[PreparedInput]:
         """Tokenise (a thread of the pool: tokenizers is Rust, no torch) or decode and preprocess
         images (the model thread: the image processors run torch kernels, see
@@ -258,10 +281,10 @@ class EmbeddingService:
         name = "embeddings.preprocess_images" if image else "embeddings.tokenize"
         if encoder.modality == "multimodal":
             name = "embeddings.prepare_inputs"  # texts tokenised, images preprocessed
-        truncate = self._limits.truncate
+        truncate = self._limits.truncate if truncate is None else truncate
         with tracing.leaf(name, {"emb.inputs": len(data)}) as current:
             if encoder.modality == "multimodal":
-                prepared = await self._prepare_mixed(encoder, data)
+                prepared = await self._prepare_mixed(encoder, data, truncate)
             elif prompt is not None and isinstance(encoder, PromptedEncoder):
                 prepared = await asyncio.to_thread(
                     encoder.prepare, data, truncate=truncate, prompt=prompt
@@ -275,7 +298,7 @@ class EmbeddingService:
             return prepared
 
     async def _prepare_mixed(
-        self, encoder: Encoder, data: Sequence[str | bytes]
+        self, encoder: Encoder, data: Sequence[str | bytes], truncate: bool
     ) -> list[PreparedInput]:
         text_at = [index for index, value in enumerate(data) if isinstance(value, str)]
         image_at = [index for index, value in enumerate(data) if isinstance(value, bytes)]
@@ -284,7 +307,6 @@ class EmbeddingService:
             if not indices:
                 return []
             subset = [data[index] for index in indices]
-            truncate = self._limits.truncate
             try:
                 if on_model_thread:
                     return await model_thread.run(encoder.prepare, subset, truncate=truncate)
