@@ -48,7 +48,8 @@ def _builtin() -> list[str]:
     return _BUILTIN
 
 
-def _texts(spec: ModelSpec) -> list[str]:
+def calibration_texts_of(spec: ModelSpec) -> list[str]:
+    """The texts whose vectors fix ``spec``'s int8/uint8 ranges."""
     if spec.calibration_texts is None:
         return _builtin()
     text = Path(spec.calibration_texts).read_text(encoding="utf-8")
@@ -87,5 +88,5 @@ class Calibrations:
         return found
 
     async def _calibrate(self, model: LoadedModel) -> Vectors:
-        texts = await asyncio.to_thread(_texts, model.spec)
+        texts = await asyncio.to_thread(calibration_texts_of, model.spec)
         return await self._embed(model, texts)
