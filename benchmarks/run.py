@@ -68,7 +68,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="ours,ours-bf16,naive,infinity",
-        help="ours,ours-bf16,ours-t1,ours-passive,ours-traced,ours-traced-10,naive,infinity",
+        help="ours,ours-bf16,ours-t1,ours-passive,ours-traced,ours-traced-10,ours-int8,ours-ubinary,naive,"
+        "infinity (ours-int8, ours-ubinary: our server asked for quantised vectors)",
+    )
+    parser.add_argument(
+        "--encoding-format",
+        default="base64",
+        choices=("base64", "float", "int8", "uint8", "binary", "ubinary"),
+        help="what the load asks the `ours` target for (default base64, the OpenAI SDK's); "
+        "ours-int8 and ours-ubinary keep theirs, for a comparison in one run",
     )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy our server under bulk and chatty"
@@ -144,6 +152,9 @@ def run_servers(
     targets = make_targets(
         [t.strip() for t in args.targets.split(",") if t.strip()], args.install_timeout
     )
+    for target in targets:
+        if target.name == "ours":
+            target.encoding_format = args.encoding_format
     server_scenarios = args.scenario_set & {"single", "bulk", "chatty", "sweep", "rss"}
     servers: dict[str, Server] = {}
     for target in targets:

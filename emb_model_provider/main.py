@@ -15,7 +15,17 @@ from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 
 from emb_model_provider import __version__
-from emb_model_provider.api import admin, embeddings, health, images, models, rerank, ui
+from emb_model_provider.api import (
+    admin,
+    cohere,
+    embeddings,
+    health,
+    images,
+    models,
+    rerank,
+    tei,
+    ui,
+)
 from emb_model_provider.api.auth import install_access_control, require_admin
 from emb_model_provider.api.batches import install_batch_api
 from emb_model_provider.api.exceptions import install_error_handlers
@@ -209,6 +219,8 @@ def create_app(settings: Settings) -> FastAPI:  # noqa: PLR0915 (the one wiring 
     )
     app.include_router(embeddings.router)
     app.include_router(rerank.router)
+    app.include_router(cohere.router)
+    app.include_router(tei.router)
     install_batch_api(app, settings, service, registry, tracer, rerank=reranker)
     app.include_router(images.router)
     app.include_router(models.router)

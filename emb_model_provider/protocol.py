@@ -14,7 +14,8 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from emb_model_provider.core.kinds import Modality, Task
+from emb_model_provider.core.kinds import EncodingFormat, Modality, Task
+from emb_model_provider.core.quantization import IntVectors
 from emb_model_provider.core.vectors import Vectors
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,9 @@ class EmbeddingRequest(BaseModel):
 
     input: EmbeddingInput
     model: StrictStr
-    encoding_format: Literal["float", "base64"] | None = None
+    #: float and base64 as OpenAI's; int8, uint8, binary, ubinary (extensions): integers, as
+    #: sentence-transformers' ``quantize_embeddings``.
+    encoding_format: EncodingFormat | None = None
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     user: StrictStr | None = None
     #: Extension (the OpenAI SDK sends it through ``extra_body``): the model's prompt to
@@ -81,7 +84,7 @@ class Usage(BaseModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str
 
 
 class EmbeddingResponse(BaseModel):
@@ -100,7 +103,10 @@ class ModelCard(BaseModel):
     owned_by: str
     # Extensions (OpenAI clients ignore unknown fields).
     modality: Modality
+    #: The size of the vectors a request gets without ``dimensions`` (Matryoshka default).
     dimensions: int | None
+    #: The model's full size: the most ``dimensions`` may ask for (known once loaded).
+    max_dimensions: int | None = None
     max_input_tokens: int | None
     loaded: bool
     aliases: list[str]
@@ -114,6 +120,8 @@ class ModelCard(BaseModel):
     #: What the model serves: ``embed`` (/v1/embeddings) or ``rerank`` (/v1/rerank); None until
     #: a hub model that states none is loaded and its files are read.
     task: Task | None = None
+    #: Where the int8/uint8 ranges come from (image models: none, binary only).
+    quantization_ranges: str | None = None
 
 
 class ModelList(BaseModel):
@@ -183,23 +191,27 @@ class ErrorResponse(BaseModel):
 
 
 def render_embeddings(
-    vectors: Vectors,
+    vectors: Vectors | IntVectors,
     *,
     model: str,
-    encoding_format: Literal["float", "base64"],
+    encoding_format: EncodingFormat,
     prompt_tokens: int,
 ) -> bytes:
     """The CreateEmbeddingResponse body, serialised without a pydantic round trip (hot path).
 
     base64 is standard base64 of little-endian float32, what the OpenAI SDK asks for by default and
-    decodes with ``np.frombuffer(..., dtype="float32")``.
+    decodes with ``np.frombuffer(..., dtype="float32")``. Quantised ``vectors`` (int8, uint8)
+    are written as integer arrays.
     """
-    rows = np.ascontiguousarray(vectors, dtype="<f4")
     embeddings: Sequence[Any]
-    if encoding_format == "base64":
+    if vectors.dtype in (np.int8, np.uint8):
+        embeddings = list(vectors)  # orjson writes them as integers
+    elif encoding_format == "base64":
+        rows = np.ascontiguousarray(vectors, dtype="<f4")
         embeddings = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
     else:
-        embeddings = list(rows)  # orjson writes float32 as the shortest exact decimal
+        # orjson writes float32 as the shortest exact decimal
+        embeddings = list(np.ascontiguousarray(vectors, dtype="<f4"))
     body = {
         "object": "list",
         "data": [

@@ -51,6 +51,8 @@ class ModelSpec:
     prompt_name: str | None = None
     #: What the model serves; None: read from the model's files at load (``encoders/tasks.py``).
     task: Task | None = None
+    #: int8/uint8 calibration: a file of texts, one per line; None: the built-in set.
+    calibration_texts: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -207,6 +209,24 @@ def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
     return encoder
 
 
+def default_dimensions(spec: ModelSpec, encoder: Encoder) -> int:
+    """The size of the vectors a request that names no ``dimensions`` gets (Matryoshka): the
+    models file's ``dimensions``, else the model's saved ``truncate_dim``, else its full size.
+
+    Raises ``SourceError`` when that is larger than the model's vectors.
+    """
+    saved = getattr(encoder, "truncate_dim", None)  # text models only
+    wanted = spec.dimensions or (saved if isinstance(saved, int) else None)
+    if wanted is None:
+        return encoder.dimensions
+    if wanted > encoder.dimensions:
+        origin = "dimensions" if spec.dimensions else "truncate_dim (sentence-transformers config)"
+        raise SourceError(
+            f"{origin} is {wanted}, but the model's vectors have {encoder.dimensions} dimensions"
+        )
+    return wanted
+
+
 class _ModelEntry(BaseModel):
     """One entry of the models file, validated strictly: a typo is an error, not a default."""
 
@@ -231,6 +251,8 @@ class _ModelEntry(BaseModel):
     trust_remote_code: bool | None = None
     #: What the model serves; left out: read from the model's own files.
     task: Task | None = None
+    #: A file of texts, one per line, whose vectors fix the int8/uint8 ranges.
+    calibration_texts: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _source_or_base(self) -> _ModelEntry:
@@ -301,6 +323,7 @@ def load_models_file(path: Path) -> list[ModelSpec]:
             base=entry.base,
             prompt_name=entry.prompt_name,
             task=_entry_task(entry, path.parent),
+            calibration_texts=_calibration_file(entry.calibration_texts, path),
         )
         for entry in parsed.models
     ]
@@ -317,6 +340,18 @@ def _entry_task(entry: _ModelEntry, folder: Path) -> Task | None:
         return local_task(_source_beside(entry.source, folder))
     except OSError:
         return None
+
+
+def _calibration_file(value: str | None, models_file: Path) -> str | None:
+    if value is None:
+        return None
+    local = Path(value).expanduser()
+    local = local if local.is_absolute() else (models_file.parent / local).resolve()
+    if not local.is_file():
+        raise ConfigError(
+            "EMB_PROVIDER_MODELS_FILE", f"{models_file}: calibration_texts {value}: no such file"
+        )
+    return str(local)
 
 
 def _source_beside(source: str, folder: Path) -> str:
@@ -379,6 +414,7 @@ class Registry:
             revision=base.revision,
             dimensions=base.dimensions,
             max_input_tokens=base.max_input_tokens,
+            calibration_texts=base.calibration_texts,
         )
         self._specs[spec.name] = pinned
         for name in pinned.names:

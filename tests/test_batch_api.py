@@ -208,6 +208,20 @@ def test_round_trip_matches_sentence_transformers(
     assert output_file.filename == f"batch_{batch.id}_output.jsonl"
 
 
+@pytest.mark.parametrize("encoding_format", ["int8", "uint8", "binary", "ubinary"])
+def test_quantised_lines_equal_the_online_answer(
+    client_a: openai.OpenAI, encoding_format: str
+) -> None:
+    body = {"model": DEFAULT_MODEL, "input": TEXTS, "encoding_format": encoding_format}
+    batch = _run(client_a, [_line("q", body)])
+    assert batch.status == "completed", batch
+    (line,) = _lines_of(client_a, batch.output_file_id)
+    got = [item["embedding"] for item in line["response"]["body"]["data"]]
+    online = client_a.embeddings.create(**body)  # type: ignore[call-overload]
+    assert got == [item.embedding for item in online.data]
+    assert all(isinstance(value, int) for value in got[0])
+
+
 def test_malformed_lines_fail_the_batch_with_their_line_numbers(client_a: openai.OpenAI) -> None:
     good = _line("ok", {"model": DEFAULT_MODEL, "input": "x"})
     raw = b"\n".join(

@@ -230,12 +230,12 @@ def test_invalid_input_is_400(server: Server, value: object, message: str) -> No
         (
             {**VALID, "encoding_format": "bogus"},
             "encoding_format",
-            r"'encoding_format'.*'float' or 'base64'",
+            r"'encoding_format'.*'float', 'base64', 'int8', 'uint8', 'binary' or 'ubinary'",
         ),
         (
             {**VALID, "encoding_format": 1},
             "encoding_format",
-            r"'encoding_format'.*'float' or 'base64'",
+            r"'encoding_format'.*'float', 'base64', 'int8', 'uint8', 'binary' or 'ubinary'",
         ),
         ({**VALID, "user": 5}, "user", r"'user'.*valid string"),
     ],

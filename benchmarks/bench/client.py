@@ -61,8 +61,9 @@ class _Connection:
 
 
 class Load:
-    def __init__(self, base: str, model: str = MODEL_NAME) -> None:
+    def __init__(self, base: str, model: str = MODEL_NAME, encoding_format: str = "base64") -> None:
         host_port = base.removeprefix("http://")
+        self.encoding_format = encoding_format
         self.host, _, port = host_port.partition(":")
         self.port = int(port)
         self.model = model
@@ -114,14 +115,18 @@ class Load:
 
     async def post(self, inputs: list[Any]) -> float:
         start = time.perf_counter()
-        body = {"model": self.model, "input": inputs, "encoding_format": "base64"}
+        body = {"model": self.model, "input": inputs, "encoding_format": self.encoding_format}
         status, data = await self._send(json.dumps(body).encode())
         if status != 200:
             raise RuntimeError(f"{status}: {data[:200]!r}")
         rows = json.loads(data)["data"]
         if len(rows) != len(inputs):
             raise RuntimeError(f"{len(rows)} vectors for {len(inputs)} inputs")
-        vector = np.frombuffer(base64.b64decode(rows[0]["embedding"]), dtype="<f4")
+        embedding = rows[0]["embedding"]
+        if isinstance(embedding, str):
+            vector = np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+        else:  # float or quantised: a JSON array
+            vector = np.asarray(embedding)
         if vector.shape[0] == 0:
             raise RuntimeError("empty vector")
         return (time.perf_counter() - start) * 1000

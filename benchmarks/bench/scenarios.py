@@ -92,7 +92,7 @@ async def run_interleaved(
     """Every scenario runs on every server in turn (round-robin), so drifting background load
     on the machine falls on all of them alike; idle servers wait meanwhile."""
     out: dict[str, dict[str, Any]] = {n: {} for n in servers}
-    loads = {n: Load(s.base, plan.model) for n, s in servers.items()}
+    loads = {n: Load(s.base, plan.model, s.target.encoding_format) for n, s in servers.items()}
     samplers = {n: RssSampler(s.proc.pid).__enter__() for n, s in servers.items()}
     alive = dict(servers)
 

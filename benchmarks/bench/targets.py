@@ -30,6 +30,9 @@ class Target:
     start_timeout_s: float = 240.0
     version: str = ""
     error: str = ""
+    #: What the load asks for: base64 (the OpenAI SDK's default), or float, int8, uint8,
+    #: binary, ubinary (ours only).
+    encoding_format: str = "base64"
 
 
 class Server:
@@ -265,6 +268,24 @@ def make_targets(names: list[str], install_timeout_s: float) -> list[Target]:
                 "OTEL_TRACES_SAMPLER_ARG": "0.1",
             },
             version=__version__,
+        ),
+        # Same server, the load asks for quantised vectors (encoding_format): what the
+        # quantisation costs over base64 floats, in the same run.
+        "ours-int8": Target(
+            "ours-int8",
+            "emb-model-provider, encoding_format int8",
+            ours_argv,
+            env={"EMB_PROVIDER_CACHE": "off"},
+            version=__version__,
+            encoding_format="int8",
+        ),
+        "ours-ubinary": Target(
+            "ours-ubinary",
+            "emb-model-provider, encoding_format ubinary",
+            ours_argv,
+            env={"EMB_PROVIDER_CACHE": "off"},
+            version=__version__,
+            encoding_format="ubinary",
         ),
         "naive": Target("naive", "naive FastAPI + encode()", _naive_argv, ready_paths=("/health",)),
         "infinity": Target(

@@ -195,7 +195,8 @@ class AccessControl:
             return
         policy = self.policy
         address = self._client(scope)
-        if is_public_path(scope["path"], self.public_paths):
+        # POST / is TEI's embed route (api/tei.py): it takes a key like any other API call.
+        if is_public_path(scope["path"], self.public_paths) and scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         if policy.allowlist and (address is None or not contains(policy.allowlist, address)):

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from emb_model_provider.api.error_shapes import error_body, shape_of
 from emb_model_provider.core.errors import ProviderError
 
 logger = logging.getLogger(__name__)
@@ -35,12 +36,19 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    request: Request | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """OpenAI's error body, or on a route of another wire format that format's
+    (``api/error_shapes.py``)."""
+    shape = shape_of(request.method, request.url.path) if request is not None else "openai"
+    request_id = getattr(request.state, "request_id", None) if request is not None else None
+    body = error_body(
+        shape, status, message, type_=type_, param=param, code=code, request_id=request_id
+    )
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _provider_error(_: Request, exc: Exception) -> JSONResponse:
+def _provider_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProviderError)
     headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
     return error_response(
@@ -50,6 +58,7 @@ def _provider_error(_: Request, exc: Exception) -> JSONResponse:
         param=exc.param,
         code=exc.code,
         headers=headers,
+        request=request,
     )
 
 
@@ -105,6 +114,8 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | Non
             f"but what was sent was not valid JSON ({reason}).",
             None,
         )
+    if first.get("type") == "value_error" and not loc:  # a model validator's own words
+        return (f"{str(first.get('msg', 'invalid')).removeprefix('Value error, ')}.", None)
     if not loc:
         return ("The request body must be a JSON object with 'model' and 'input'.", None)
     param = str(loc[0])
@@ -119,10 +130,10 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | Non
     return (f"Invalid value for '{_path(loc)}': {first.get('msg', 'invalid')}.", param)
 
 
-def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     message, param = validation_message(list(exc.errors()))
-    return error_response(400, message, type_="invalid_request_error", param=param)
+    return error_response(400, message, type_="invalid_request_error", param=param, request=request)
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -138,6 +149,7 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message,
         type_="invalid_request_error",
         headers=dict(exc.headers) if exc.headers else None,
+        request=request,
     )
 
 
@@ -158,6 +170,7 @@ def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         type_="server_error",
         code="internal_error",
         headers={"X-Request-ID": request_id},
+        request=request,
     )
 
 

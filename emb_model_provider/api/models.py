@@ -10,6 +10,7 @@ from emb_model_provider.encoders.base import PromptedEncoder
 from emb_model_provider.protocol import ErrorResponse, ModelCard, ModelList
 from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.models import ModelManager
+from emb_model_provider.services.quantize import ranges_source
 
 router = APIRouter()
 
@@ -19,12 +20,14 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
     loaded = models.loaded(weights.name)
     encoder = loaded.encoder if loaded else None
     prompted = encoder if isinstance(encoder, PromptedEncoder) else None
+    task = encoder.task if encoder is not None else models.registry.task(spec)
     return ModelCard(
         id=spec.name,
         created=spec.created,
         owned_by=spec.owned_by,
         modality=spec.modality,
-        dimensions=loaded.encoder.dimensions if loaded else spec.dimensions,
+        dimensions=loaded.dimensions if loaded else spec.dimensions,
+        max_dimensions=loaded.encoder.dimensions if loaded else None,
         max_input_tokens=loaded.encoder.max_input_tokens if loaded else spec.max_input_tokens,
         loaded=loaded is not None,
         aliases=list(spec.aliases),
@@ -36,7 +39,9 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
             or (prompted.default_prompt_name if prompted else weights.default_prompt_name)
         ),
         base=spec.base,
-        task=encoder.task if encoder is not None else models.registry.task(spec),
+        task=task,
+        # int8/uint8 ranges are an embedding model's (a reranker's scores are not quantised).
+        quantization_ranges=ranges_source(weights) if task != "rerank" else None,
     )
 
 

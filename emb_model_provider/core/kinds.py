@@ -28,3 +28,11 @@ TASKS: tuple[Task, ...] = get_args(Task)
 #: image processors' torch kernels share its one OpenMP team, ``core/model_thread.py``) or on
 #: the decode workers (on a GPU, so that the model thread only launches forwards).
 PrepareThread = Literal["model", "worker"]
+
+#: The integer forms of sentence-transformers' ``quantize_embeddings``: per-dimension buckets
+#: (int8, uint8) or signs packed 8 per byte (binary, ubinary).
+Quantization = Literal["int8", "uint8", "binary", "ubinary"]
+QUANTIZATIONS: tuple[Quantization, ...] = get_args(Quantization)
+
+#: ``encoding_format`` of /v1/embeddings: OpenAI's two and, as extensions, the quantised forms.
+EncodingFormat = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]

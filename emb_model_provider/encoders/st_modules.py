@@ -481,3 +481,17 @@ def pool_flat(
             total = hidden.new_zeros(size, 1).index_add_(0, rows_sentence, weights)
             out.append(weighted / total.clamp(min=1e-9))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def read_truncate_dim(model_dir: Path) -> int | None:
+    """``truncate_dim`` of ``config_sentence_transformers.json``: the Matryoshka size
+    ``SentenceTransformer(dir)`` cuts its vectors to by default; None when the model sets none."""
+    config_file = model_dir / "config_sentence_transformers.json"
+    if not config_file.is_file():
+        return None
+    value = _read_json(config_file).get("truncate_dim")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SourceError(f"{config_file}: truncate_dim must be a positive integer, not {value!r}")
+    return value

@@ -58,6 +58,7 @@ from emb_model_provider.encoders.st_modules import (
     SentenceConfig,
     pool_flat,
     read_sentence_config,
+    read_truncate_dim,
 )
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,8 @@ class TextEncoder:
         self.architecture = type(model).__name__
         self.prompts: dict[str, str] = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
+        #: The model's saved Matryoshka size (``truncate_dim``), if any.
+        self.truncate_dim: int | None = None
         self.placement = f"{device} ({str(dtype).removeprefix('torch.')})"
         self._special_ids = special_ids
         base = Tokenizer.from_str(tokenizer.to_str())
@@ -393,6 +396,7 @@ def load_text_encoder(
         prompts=all_prompts,
         default_prompt_name=default_prompt,
     )
+    encoder.truncate_dim = read_truncate_dim(model_dir)
     logger.info(
         "loaded text model %s from %s on %s: %d dimensions, %d max tokens, %s pooling, %s forward",
         encoder.architecture,

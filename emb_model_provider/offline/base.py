@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
+from emb_model_provider.core.quantization import IntVectors
 from emb_model_provider.core.vectors import Vectors
 from emb_model_provider.offline.records import ModelKind, Record
 
@@ -22,7 +23,8 @@ class ChunkResult:
     """Vectors of the usable inputs of a chunk, in input order, and why the others failed."""
 
     ids: list[str]
-    vectors: Vectors
+    #: float32, or int8/uint8 with ``--encoding-format`` (``offline/quantized.py``).
+    vectors: Vectors | IntVectors
     tokens: int
     #: (id, reason) of each input that could not be embedded.
     errors: list[tuple[str, str]] = field(default_factory=list)

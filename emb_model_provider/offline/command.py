@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emb_model_provider.core.config import Settings
+from emb_model_provider.core.kinds import QUANTIZATIONS
 
 if TYPE_CHECKING:
     from emb_model_provider.offline.base import Embedder
@@ -43,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", help="model name or alias (default: the default model)")
     parser.add_argument("--dimensions", help="keep the first N components, re-normalised")
+    parser.add_argument(
+        "--encoding-format",
+        default="float",
+        help="float | int8 | uint8 | binary | ubinary: integers as the server's encoding_format",
+    )
     parser.add_argument("--batch-size", default="64", help="inputs per forward pass or request")
     parser.add_argument("--column", help="csv/parquet: the column to embed")
     parser.add_argument("--id-column", help="csv/parquet: the id column (default: row number)")
@@ -111,6 +117,13 @@ def run_embed(args: argparse.Namespace, settings: Settings, fail: Callable[[str]
         dimensions = _number(args, "dimensions", int)
         concurrency = _number(args, "concurrency", int)
         interval_s = _number(args, "progress_interval", float)
+        if args.encoding_format not in ("float", *QUANTIZATIONS):
+            raise UsageError(
+                "--encoding-format must be float, int8, uint8, binary or ubinary, "
+                f"got {args.encoding_format!r}"
+            )
+        if args.encoding_format != "float" and args.engine == "ray":
+            raise UsageError("--encoding-format with --engine ray is not supported")
         if args.engine not in ("local", "ray"):
             raise UsageError(f"--engine must be local or ray, got {args.engine!r}")
         if args.url is not None and args.engine == "ray":
@@ -142,6 +155,8 @@ def run_embed(args: argparse.Namespace, settings: Settings, fail: Callable[[str]
 
             check_output(output, overwrite=args.overwrite)
             embedder = _embedder(args, settings, batch_size, dimensions, concurrency)
+            if args.encoding_format != "float":
+                embedder = _quantizing(embedder, args, settings)
             try:
                 summary = run_job(
                     spec,
@@ -163,6 +178,24 @@ def run_embed(args: argparse.Namespace, settings: Settings, fail: Callable[[str]
         return 130
     sys.stderr.write(f"emb-model-provider embed: {summary.line()}\n")
     return 0
+
+
+def _quantizing(embedder: Embedder, args: argparse.Namespace, settings: Settings) -> Embedder:
+    from emb_model_provider.core.quantization import calibration_texts
+    from emb_model_provider.offline.quantized import QuantizingEmbedder
+    from emb_model_provider.registry import Registry
+    from emb_model_provider.services.quantize import calibration_texts_of
+
+    try:
+        # --url: the server's model, calibrated on the built-in set (or the local models
+        # file's, when it names the model too).
+        registry = Registry.from_settings(settings.models_file)
+        spec = registry.get(embedder.model) if embedder.model in registry else None
+        texts = calibration_texts_of(spec) if spec is not None else calibration_texts()
+        return QuantizingEmbedder(embedder, args.encoding_format, texts)
+    except BaseException:
+        embedder.close()
+        raise
 
 
 def _embedder(

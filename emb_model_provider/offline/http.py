@@ -70,11 +70,14 @@ class HttpEmbedder:
         self.model = str(info.get("id") or model)
         modality = info.get("modality", "text")
         self.kind: ModelKind = modality if modality in ("image", "multimodal") else "text"
+        # The full size (known once the server has loaded the model) bounds --dimensions; the
+        # default size is what the server returns without it.
+        full = info.get("max_dimensions")
         native = info.get("dimensions")
-        if dimensions is not None and isinstance(native, int) and not 1 <= dimensions <= native:
+        if dimensions is not None and isinstance(full, int) and not 1 <= dimensions <= full:
             raise BulkError(
-                f"--dimensions {dimensions}: {self.model} has {native} dimensions; "
-                f"ask for 1 to {native}"
+                f"--dimensions {dimensions}: {self.model} has {full} dimensions; "
+                f"ask for 1 to {full}"
             )
         self._dimensions = dimensions
         if dimensions is None and not isinstance(native, int):

@@ -46,7 +46,7 @@ class Summary:
 
 
 def manifest(spec: InputSpec, embedder: Embedder, chunk_size: int, output: Path) -> dict[str, Any]:
-    return {
+    found = {
         "version": 1,
         "input": spec.describe(),
         "model": embedder.model,
@@ -54,6 +54,10 @@ def manifest(spec: InputSpec, embedder: Embedder, chunk_size: int, output: Path)
         "chunk_size": chunk_size,
         "output_format": output_format(output),
     }
+    precision = getattr(embedder, "precision", None)  # offline/quantized.py
+    if precision is not None:  # absent for floats: earlier runs' manifests still match
+        found["encoding_format"] = precision
+    return found
 
 
 def check_output(output: Path, *, overwrite: bool) -> None:

@@ -29,7 +29,7 @@ from emb_model_provider.encoders.base import (
 from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.offline.base import BulkError, ChunkResult, empty_vectors, unit_prefix
 from emb_model_provider.offline.records import ModelKind, Record
-from emb_model_provider.registry import ModelSpec, Registry, build_encoder
+from emb_model_provider.registry import ModelSpec, Registry, build_encoder, default_dimensions
 from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
 from emb_model_provider.services.image_inputs import ImageLoader
 
@@ -147,9 +147,13 @@ class LocalEmbedder:
                 f"--dimensions {config.dimensions}: {self._spec.name} has {native} dimensions; "
                 f"ask for 1 to {native}"
             )
+        try:  # the model's Matryoshka default, as the server applies it
+            default = default_dimensions(weights, self._encoder)
+        except SourceError as exc:
+            raise BulkError(f"cannot load model {self._spec.name}: {exc}") from exc
         self.model = self._spec.name
         self.kind: ModelKind = self._spec.modality
-        self.dimensions = config.dimensions or native
+        self.dimensions = config.dimensions or default
         self.placement = self._encoder.placement
         self._policy = FetchPolicy(
             allow_urls=config.allow_image_urls,
@@ -188,7 +192,7 @@ class LocalEmbedder:
         )
         return ChunkResult(
             ids=[records[index].id for index in kept],
-            vectors=unit_prefix(stacked, self._config.dimensions, normalize=self._spec.normalize),
+            vectors=unit_prefix(stacked, self.dimensions, normalize=self._spec.normalize),
             tokens=sum(prepared[index].n_tokens for index in kept),
             errors=[(records[index].id, errors[index]) for index in sorted(errors)],
         )

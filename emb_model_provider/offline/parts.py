@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from emb_model_provider import __version__
+from emb_model_provider.core.quantization import IntVectors
 from emb_model_provider.core.vectors import Vectors
 from emb_model_provider.offline.base import BulkError, ChunkResult
 
@@ -58,25 +59,49 @@ def ids_path(output: Path) -> Path:
     return output.with_name(output.stem + ".ids.jsonl")
 
 
-def schema(dimensions: int, model: str) -> pa.Schema:
+#: ``--encoding-format`` -> the numpy type of the stored components.
+_DTYPES: dict[str, type[np.generic]] = {
+    "float": np.float32,
+    "int8": np.int8,
+    "binary": np.int8,
+    "uint8": np.uint8,
+    "ubinary": np.uint8,
+}
+
+
+def schema(dimensions: int, model: str, encoding_format: str = "float") -> pa.Schema:
+    metadata = {
+        "model": model,
+        "dimensions": str(dimensions),
+        "generator": f"emb-model-provider {__version__}",
+    }
+    if encoding_format != "float":
+        metadata["encoding_format"] = encoding_format
+    value_type = pa.from_numpy_dtype(_DTYPES[encoding_format])
     return pa.schema(
         [
             pa.field("id", pa.string(), nullable=False),
-            pa.field("embedding", pa.list_(pa.float32(), dimensions), nullable=False),
+            pa.field("embedding", pa.list_(value_type, dimensions), nullable=False),
         ],
-        metadata={
-            "model": model,
-            "dimensions": str(dimensions),
-            "generator": f"emb-model-provider {__version__}",
-        },
+        metadata=metadata,
     )
 
 
-def table(ids: Sequence[str], vectors: Vectors, *, dimensions: int, model: str) -> pa.Table:
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
+def table(
+    ids: Sequence[str],
+    vectors: Vectors | IntVectors,
+    *,
+    dimensions: int,
+    model: str,
+    encoding_format: str = "float",
+) -> pa.Table:
+    dtype = _DTYPES[encoding_format]
+    values = np.ascontiguousarray(vectors, dtype=dtype).reshape(-1)
+    flat = pa.array(values, pa.from_numpy_dtype(dtype))
     embedding = pa.FixedSizeListArray.from_arrays(flat, dimensions)
     return pa.Table.from_arrays(
-        [pa.array(list(ids), pa.string()), embedding], schema=schema(dimensions, model)
+        [pa.array(list(ids), pa.string()), embedding],
+        schema=schema(dimensions, model, encoding_format),
     )
 
 
@@ -97,6 +122,7 @@ class Parts:
         self.manifest = manifest
         self.dimensions = int(manifest["dimensions"])
         self.model = str(manifest["model"])
+        self.encoding_format = str(manifest.get("encoding_format", "float"))
 
     @classmethod
     def open(cls, output: Path, manifest: dict[str, Any], *, resume: bool) -> Parts:
@@ -131,7 +157,13 @@ class Parts:
         return _part_info(pq.read_schema(path).metadata or {})
 
     def write(self, index: int, result: ChunkResult, inputs: int) -> None:
-        data = table(result.ids, result.vectors, dimensions=self.dimensions, model=self.model)
+        data = table(
+            result.ids,
+            result.vectors,
+            dimensions=self.dimensions,
+            model=self.model,
+            encoding_format=self.encoding_format,
+        )
         metadata = {
             **(data.schema.metadata or {}),
             b"inputs": str(inputs).encode(),
@@ -158,9 +190,11 @@ class Parts:
         errors = [error for info in infos if info is not None for error in info.errors]
         tables = (pq.read_table(self.part_path(index)) for index in indices)
         if output_format(self.output) == "parquet":
-            _write_parquet(self.output, tables, schema(self.dimensions, self.model))
+            target = schema(self.dimensions, self.model, self.encoding_format)
+            _write_parquet(self.output, tables, target)
         else:
-            _write_npy(self.output, tables, rows, self.dimensions)
+            dtype = _DTYPES[self.encoding_format]
+            _write_npy(self.output, tables, rows, self.dimensions, dtype)
         _write_errors(errors_path(self.output), errors)
         shutil.rmtree(self.folder)
         return rows, errors
@@ -181,12 +215,16 @@ def _write_parquet(output: Path, tables: Iterator[pa.Table], target: pa.Schema) 
     os.replace(temporary, output)
 
 
-def _write_npy(output: Path, tables: Iterator[pa.Table], rows: int, dimensions: int) -> None:
+def _write_npy(
+    output: Path,
+    tables: Iterator[pa.Table],
+    rows: int,
+    dimensions: int,
+    dtype: type[np.generic] = np.float32,
+) -> None:
     temporary = output.with_name(output.name + ".tmp")
     ids_temporary = output.with_name(output.name + ".ids.tmp")
-    array = np.lib.format.open_memmap(
-        temporary, mode="w+", dtype=np.float32, shape=(rows, dimensions)
-    )
+    array = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=(rows, dimensions))
     row = 0
     with ids_temporary.open("w", encoding="utf-8") as ids:
         for part in tables:

@@ -22,7 +22,8 @@ from emb_model_provider.core.errors import (
     InvalidRequest,
     ModelLoadFailed,
 )
-from emb_model_provider.core.kinds import Task
+from emb_model_provider.core.kinds import QUANTIZATIONS, Quantization, Task
+from emb_model_provider.core.quantization import IntVectors, quantize
 from emb_model_provider.encoders.base import (
     Encoder,
     EncoderInput,
@@ -36,12 +37,15 @@ from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.cache import CachedVector, ResultCache
 from emb_model_provider.services.image_inputs import ImageLoader
 from emb_model_provider.services.models import LoadedModel, ModelManager
+from emb_model_provider.services.quantize import Calibrations
 from emb_model_provider.services.token_arrays import decode_token_arrays
 
 #: Token arrays up to this many ids in total are decoded on the event loop (microseconds);
 #: longer ones go to a worker thread.
 _INLINE_DECODE_TOKENS = 4096
 _IMAGE_SCHEMES = ("http://", "https://", "data:")
+#: Calibration texts go to the batcher this many at a time.
+_CALIBRATION_SLICE = 64
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Computed:
     rows: Vectors
     prompt_tokens: int
     encoder: Encoder
+    #: The model's default output size (a Matryoshka default may cut the encoder's vectors).
+    dimensions: int
 
 
 #: Per task: what its models are called and where they are served, for the error that names the
@@ -113,16 +119,39 @@ class EmbeddingService:
         self._limits = limits
         self._images = images
         self.cache = cache or ResultCache(None)
+        self.calibrations = Calibrations(self._calibration_vectors)
 
     async def create(self, request: EmbeddingRequest, *, background: bool = False) -> Reply:
         """The response to one /v1/embeddings request. ``background`` (Batch API jobs) yields
         the model to interactive requests."""
+        spec, data = await self.request_data(request)
+        result = await self.embed(
+            spec,
+            data,
+            dimensions=request.dimensions,
+            normalize=spec.normalize,
+            background=background,
+            prompt_name=request.prompt_name,
+        )
+        encoding_format = request.encoding_format or "float"
+        vectors: Vectors | IntVectors = result.vectors
+        if encoding_format in QUANTIZATIONS:
+            vectors = await self.quantized(spec, result.vectors, encoding_format)
+        body = render_embeddings(
+            vectors,
+            model=result.model,
+            encoding_format=encoding_format,
+            prompt_tokens=result.prompt_tokens,
+        )
+        return Reply(body, result.model, len(result.vectors), result.prompt_tokens)
+
+    async def request_data(self, request: EmbeddingRequest) -> tuple[ModelSpec, list[str | bytes]]:
+        """The model of a request and its inputs checked and ready for ``embed``: texts as
+        strings, images loaded as bytes (the other wire formats' adapters share this)."""
         with tracing.leaf("embeddings.check_inputs"):
             spec = self._models.registry.get(request.model)
             inputs = request.inputs()
             self._check_count(len(inputs))
-            if spec.dimensions is not None:
-                self._check_dimensions(request.dimensions, spec.dimensions)
             if spec.modality == "image":
                 values = _image_values(spec, inputs)
             elif spec.modality == "text":
@@ -135,21 +164,43 @@ class EmbeddingService:
             data = await self._texts_and_images(inputs)
         else:
             data = texts
-        result = await self.embed(
-            spec,
-            data,
-            dimensions=request.dimensions,
-            normalize=spec.normalize,
-            background=background,
-            prompt_name=request.prompt_name,
-        )
-        body = render_embeddings(
-            result.vectors,
-            model=result.model,
-            encoding_format=request.encoding_format or "float",
-            prompt_tokens=result.prompt_tokens,
-        )
-        return Reply(body, result.model, len(result.vectors), result.prompt_tokens)
+        return spec, list(data)
+
+    async def quantized(
+        self, spec: ModelSpec, vectors: Vectors, precision: Quantization
+    ) -> IntVectors:
+        """``vectors`` as ``embed`` returned them for ``spec`` (cut, normalised), quantised: the
+        int8/uint8 ranges are the model's (``services/quantize.py``), never this batch's."""
+        ranges = None
+        if precision in ("int8", "uint8"):
+            async with self._models.use(spec) as model:
+                if model.encoder.modality == "image":
+                    raise InvalidRequest(
+                        f"The model `{spec.name}` has no int8/uint8 calibration (it takes images "
+                        "only); ask for float, base64, binary or ubinary.",
+                        param="encoding_format",
+                    )
+                ranges = await self.calibrations.ranges(
+                    model, int(vectors.shape[1]), normalize=spec.normalize
+                )
+        return quantize(vectors, precision, ranges)
+
+    async def _calibration_vectors(self, model: LoadedModel, texts: list[str]) -> Vectors:
+        """Raw vectors of calibration texts (the model's default prompt, truncated to fit),
+        through the batcher in slices that never fill its queue."""
+        encoder = model.encoder
+        prompt = encoder.prompt_text(None) if isinstance(encoder, PromptedEncoder) else None
+        rows: list[Vectors] = []
+        for start in range(0, len(texts), _CALIBRATION_SLICE):
+            part = texts[start : start + _CALIBRATION_SLICE]
+            if isinstance(encoder, PromptedEncoder):
+                prepared = await asyncio.to_thread(
+                    encoder.prepare, part, truncate=True, prompt=prompt
+                )
+            else:
+                prepared = await asyncio.to_thread(encoder.prepare, part, truncate=True)
+            rows.extend(await model.batcher.embed(prepared))
+        return _stack(rows)
 
     async def embed_images(
         self, model: str, values: Sequence[str | bytes], labels: Sequence[str], *, normalize: bool
@@ -181,20 +232,28 @@ class EmbeddingService:
         normalize: bool,
         background: bool = False,
         prompt_name: str | None = None,
+        truncate: bool | None = None,
+        prompt_if_known: bool = False,
     ) -> Embedded:
-        """Vectors for ``data``: the first ``dimensions`` components, L2-normalised when asked
-        (Matryoshka-style: a prefix of a unit vector is scaled back to unit length).
-        ``prompt_name`` (else the name's pinned prompt, else the model's default) is prepended
-        to every text."""
+        """Vectors for ``data``: the first ``dimensions`` components (None: the model's
+        default size), L2-normalised when asked (Matryoshka-style: a prefix of a unit vector is
+        scaled back to unit length). ``prompt_name`` (else the name's pinned prompt, else the
+        model's default) is prepended to every text; with ``prompt_if_known`` a name the model
+        lacks falls back to that default (Cohere's ``input_type``). ``truncate`` (None: the
+        server's setting) cuts over-long texts or refuses them."""
         computed = await self.run(
             spec,
             data,
             task="embed",
             background=background,
             prompt_name=prompt_name,
+            prompt_if_known=prompt_if_known,
+            truncate=truncate,
             check=lambda encoder: self._check_dimensions(dimensions, encoder.dimensions),
         )
         vectors = computed.rows
+        if dimensions is None:
+            dimensions = computed.dimensions
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if normalize:
@@ -209,6 +268,7 @@ class EmbeddingService:
         task: Task,
         background: bool = False,
         prompt_name: str | None = None,
+        prompt_if_known: bool = False,
         truncate: bool | None = None,
         check: Callable[[Encoder], None] | None = None,
     ) -> Computed:
@@ -224,7 +284,12 @@ class EmbeddingService:
             check_task(spec, model.encoder.task, task)
             if check is not None:
                 check(model.encoder)
-            prompt = _prompt(spec, model.encoder, prompt_name)
+            encoder = model.encoder
+            if prompt_if_known and not (
+                isinstance(encoder, PromptedEncoder) and prompt_name in encoder.prompts
+            ):
+                prompt_name = None
+            prompt = _prompt(spec, encoder, prompt_name)
             if self.cache.enabled and model.fingerprint is not None:
                 rows, prompt_tokens = await self._embed_cached(
                     model, data, background, prompt, truncate
@@ -233,7 +298,7 @@ class EmbeddingService:
                 prepared = await self._prepare(model.encoder, data, prompt, truncate)
                 prompt_tokens = self._check_tokens(prepared, model)
                 rows = _stack(await model.batcher.embed(prepared, background=background))
-        return Computed(rows, prompt_tokens, model.encoder)
+        return Computed(rows, prompt_tokens, model.encoder, model.dimensions)
 
     async def _embed_cached(
         self,

@@ -25,7 +25,7 @@ from emb_model_provider.core import heap, model_thread
 from emb_model_provider.core.errors import InvalidRequest, ModelLoadFailed
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import SourceError
-from emb_model_provider.registry import ModelSpec, Registry, build_encoder
+from emb_model_provider.registry import ModelSpec, Registry, build_encoder, default_dimensions
 from emb_model_provider.scheduler import DynamicBatcher
 from emb_model_provider.services.cache import weights_fingerprint
 
@@ -67,6 +67,9 @@ class LoadedModel:
     #: Identifies the loaded weights in result-cache keys (``services/cache.py``); None when
     #: the cache is off or the weights could not be fingerprinted (then nothing is cached).
     fingerprint: str | None = None
+    #: The size of the vectors a request gets when it names no ``dimensions`` (at most
+    #: ``encoder.dimensions``; ``registry.default_dimensions``).
+    dimensions: int = 0
     #: ``time.monotonic()`` of the last request that used the model.
     last_used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
@@ -157,6 +160,11 @@ class ModelManager:
         logger.info("loading model %s from %s", spec.name, spec.source)
         try:
             encoder = await model_thread.run_apart(build_encoder, spec, self._options)
+            try:
+                dimensions = default_dimensions(spec, encoder)
+            except SourceError:
+                await model_thread.run(encoder.close)
+                raise
             if self._warmup:
                 await model_thread.run(encoder.warmup)
         except SourceError as exc:
@@ -180,7 +188,9 @@ class ModelManager:
             max_queue_inputs=self._limits.max_queue_inputs,
             background_batch_size=self._limits.background_batch_size,
         )
-        model = LoadedModel(spec, encoder, batcher, time.perf_counter() - started)
+        model = LoadedModel(
+            spec, encoder, batcher, time.perf_counter() - started, dimensions=dimensions
+        )
         model.fingerprint = fingerprint
         self._loaded[spec.name] = model
         self._failures.pop(spec.name, None)
