@@ -78,9 +78,9 @@ class Computed:
 
 #: Per task: what its models are called and where they are served, for the error that names the
 #: route a model belongs on; and the prefix of its trace spans.
-_TASK_ROUTES: dict[Task, tuple[str, str]] = {
-    "embed": ("an embedding model", "/v1/embeddings"),
-    "rerank": ("a reranker", "/v1/rerank"),
+_TASK_ROUTES: dict[Task, tuple[str, str, str]] = {
+    "embed": ("an embedding model", "embedding models", "/v1/embeddings"),
+    "rerank": ("a reranker", "rerankers", "/v1/rerank"),
 }
 _SPAN_PREFIX: dict[Task, str] = {"embed": "embeddings", "rerank": "rerank"}
 
@@ -88,10 +88,10 @@ _SPAN_PREFIX: dict[Task, str] = {"embed": "embeddings", "rerank": "rerank"}
 def check_task(spec: ModelSpec, serves: Task, wanted: Task) -> None:
     """Refuse a model named on the routes of a task it does not serve."""
     if serves != wanted:
-        noun, route = _TASK_ROUTES[serves]
+        noun, _, route = _TASK_ROUTES[serves]
         raise InvalidRequest(
             f"The model `{spec.name}` is {noun} (task `{serves}`), served on {route}; "
-            f"this route takes {_TASK_ROUTES[wanted][0].split(' ', 1)[1]}s (task `{wanted}`).",
+            f"this route takes {_TASK_ROUTES[wanted][1]} (task `{wanted}`).",
             param="model",
             code="wrong_model_task",
         )
