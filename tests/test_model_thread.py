@@ -139,6 +139,7 @@ class PrepareRecorder:
 
     def __init__(self, modality: str) -> None:
         self.modality = modality
+        self.task = "embed"
         self.threads: list[int] = []
 
     def prepare(self, inputs: Sequence[str | bytes], *, truncate: bool) -> list[PreparedInput]:
@@ -154,8 +155,8 @@ def test_images_are_preprocessed_on_the_model_thread_and_texts_are_not() -> None
     image, text = PrepareRecorder("image"), PrepareRecorder("text")
 
     async def run() -> None:
-        await service._prepare(image, [b"png bytes"])  # type: ignore[arg-type]
-        await service._prepare(text, ["a sentence"])  # type: ignore[arg-type]
+        await service._prepare(image, [b"png bytes"], None, True)  # type: ignore[arg-type]
+        await service._prepare(text, ["a sentence"], None, True)  # type: ignore[arg-type]
 
     asyncio.run(run())
     model = model_thread.call(threading.get_ident)
