@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from emb_model_provider.core.errors import ConfigError, ModelNotFound
-from emb_model_provider.core.kinds import DType, Modality, Pooling
+from emb_model_provider.core.kinds import DType, FastBackend, Modality, Pooling, Precision
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, SourceError
 
@@ -48,6 +48,12 @@ class ModelSpec:
     #: ``prompt_name`` the prompt its requests get when they name none.
     base: str | None = None
     prompt_name: str | None = None
+    #: ``exact`` or ``fast`` (text models); None: the server's ``EMB_PROVIDER_PRECISION``.
+    precision: Precision | None = None
+    #: The accuracy gate of ``fast``: least cosine to float32 over the calibration texts.
+    min_cosine: float = 0.99
+    #: Pins the fast path's runtime (expert); with ``dtype``, its dtype.
+    backend: FastBackend | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -150,6 +156,19 @@ def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
         options = dataclasses.replace(options, dtype=spec.dtype)
     if spec.trust_remote_code is not None:
         options = dataclasses.replace(options, trust_remote_code=spec.trust_remote_code)
+    precision = spec.precision or options.precision
+    if spec.modality == "text":
+        options = dataclasses.replace(
+            options,
+            precision=precision,
+            min_cosine=spec.min_cosine,
+            fast_backend=spec.backend,
+            # With ``fast``, an entry's dtype pins the fast path's; float32 is the reference.
+            fast_dtype=spec.dtype if precision == "fast" else None,
+        )
+    else:
+        # Measured for image and multimodal encoders: see docs/models.md (precision).
+        options = dataclasses.replace(options, precision="exact")
     text_options: dict[str, object] = {}
     if spec.modality == "text":
         text_options = {
@@ -189,6 +208,9 @@ class _ModelEntry(BaseModel):
     prompts: dict[str, str] = Field(default_factory=dict)
     default_prompt_name: str | None = None
     trust_remote_code: bool | None = None
+    precision: Precision | None = None
+    min_cosine: float = Field(0.99, gt=0.0, le=1.0)
+    backend: FastBackend | None = None
 
     @model_validator(mode="after")
     def _source_or_base(self) -> _ModelEntry:
@@ -256,6 +278,9 @@ def load_models_file(path: Path) -> list[ModelSpec]:
             prompts=tuple(entry.prompts.items()),
             default_prompt_name=entry.default_prompt_name,
             trust_remote_code=entry.trust_remote_code,
+            precision=entry.precision,
+            min_cosine=entry.min_cosine,
+            backend=entry.backend,
             base=entry.base,
             prompt_name=entry.prompt_name,
         )

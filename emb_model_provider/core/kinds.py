@@ -16,3 +16,10 @@ POOLING_MODES: tuple[Pooling, ...] = get_args(Pooling)
 
 #: The dtypes a model may be loaded in (settings add ``auto``: the device's best).
 DType = Literal["float32", "float16", "bfloat16"]
+
+#: What an operator asks of a model's numbers: ``exact`` (float32, the reference library's
+#: vectors) or ``fast`` (the fastest path this machine runs that passes the accuracy gate).
+Precision = Literal["exact", "fast"]
+
+#: The runtime a ``fast`` model may be pinned to (sentence-transformers' ``backend`` names).
+FastBackend = Literal["openvino", "torch"]
