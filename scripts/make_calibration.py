@@ -15,18 +15,83 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "emb_model_provider" / "encoders" / "calibration.json"
 
-WORDS = (
-    "protein kinase inhibitor dosage renal clearance contract clause liability indemnity tenant "
-    "landlord kernel scheduler mutex deadlock gradient descent embedding tokenizer latency "
-    "throughput harbour glacier volcano migration sparrow orchestra violin sonata recipe garlic "
-    "saffron mortgage equity dividend inflation satellite orbit telescope nebula quarantine vaccine "
-    "tournament goalkeeper referee election ballot senator statute verdict appeal drought harvest"
-).split()
+WORDS = [
+    "protein",
+    "kinase",
+    "inhibitor",
+    "dosage",
+    "renal",
+    "clearance",
+    "contract",
+    "clause",
+    "liability",
+    "indemnity",
+    "tenant",
+    "landlord",
+    "kernel",
+    "scheduler",
+    "mutex",
+    "deadlock",
+    "gradient",
+    "descent",
+    "embedding",
+    "tokenizer",
+    "latency",
+    "throughput",
+    "harbour",
+    "glacier",
+    "volcano",
+    "migration",
+    "sparrow",
+    "orchestra",
+    "violin",
+    "sonata",
+    "recipe",
+    "garlic",
+    "saffron",
+    "mortgage",
+    "equity",
+    "dividend",
+    "inflation",
+    "satellite",
+    "orbit",
+    "telescope",
+    "nebula",
+    "quarantine",
+    "vaccine",
+    "tournament",
+    "goalkeeper",
+    "referee",
+    "election",
+    "ballot",
+    "senator",
+    "statute",
+    "verdict",
+    "appeal",
+    "drought",
+    "harvest",
+]
 QUERIES = [
-    "cheap flights", "python list comprehension", "symptoms of flu", "best pizza near me",
-    "how to reset router", "capital of Australia", "GDP 2023", "weather tomorrow", "BM25 vs dense",
-    "error 404", "tax deadline", "laptop 16GB RAM", "vegan brownies", "k8s pod crashloop",
-    "define entropy", "who wrote Hamlet", "USB-C cable", "translate bonjour", "sql join types", "?",
+    "cheap flights",
+    "python list comprehension",
+    "symptoms of flu",
+    "best pizza near me",
+    "how to reset router",
+    "capital of Australia",
+    "GDP 2023",
+    "weather tomorrow",
+    "BM25 vs dense",
+    "error 404",
+    "tax deadline",
+    "laptop 16GB RAM",
+    "vegan brownies",
+    "k8s pod crashloop",
+    "define entropy",
+    "who wrote Hamlet",
+    "USB-C cable",
+    "translate bonjour",
+    "sql join types",
+    "?",
 ]
 QUESTIONS = [
     "What is the difference between a mutex and a semaphore?",
@@ -43,9 +108,9 @@ CODE = [
     "for (int i = 0; i < n; ++i) { sum += v[i]; }",
     "SELECT name, COUNT(*) FROM orders GROUP BY name HAVING COUNT(*) > 10;",
     "const x = await fetch(url).then(r => r.json());",
-    "fn main() { println!(\"{}\", 42); }",
+    'fn main() { println!("{}", 42); }',
     "kubectl get pods -n kube-system -o wide | grep -v Running",
-    "<div class=\"card\"><h2>Title</h2><p>Body</p></div>",
+    '<div class="card"><h2>Title</h2><p>Body</p></div>',
     "git rebase -i HEAD~3 && git push --force-with-lease",
 ]
 STRUCTURED = [
@@ -73,9 +138,18 @@ LANGS = [
     "Bu akşam toplantı saat yedide başlayacak.",
 ]
 ODD = [
-    "🙂🙂🙂 great service!!! 👍", "THIS IS AN URGENT NOTICE TO ALL STAFF", "teh qiuck brwon fox",
-    "a", "ok", "…", "lol idk tbh", "Re: Re: Fwd: meeting notes (v2) FINAL final.docx",
-    "!!!???...", "ÅÄÖ åäö ß Ç ñ", "x" * 300, "la la la la la la la la la la la la",
+    "🙂🙂🙂 great service!!! 👍",
+    "THIS IS AN URGENT NOTICE TO ALL STAFF",
+    "teh qiuck brwon fox",
+    "a",
+    "ok",
+    "…",
+    "lol idk tbh",
+    "Re: Re: Fwd: meeting notes (v2) FINAL final.docx",
+    "!!!???...",
+    "ÅÄÖ åäö ß Ç ñ",
+    "x" * 300,
+    "la la la la la la la la la la la la",
 ]
 
 
@@ -92,7 +166,9 @@ def main() -> None:
     for _ in range(50):  # paragraphs of 2 to 8 sentences
         texts.append(" ".join(sentence(rng, rng.randint(6, 20)) for _ in range(rng.randint(2, 8))))
     for _ in range(20):  # long: past 256 tokens, truncated by most models
-        texts.append(" ".join(sentence(rng, rng.randint(10, 25)) for _ in range(rng.randint(20, 30))))
+        texts.append(
+            " ".join(sentence(rng, rng.randint(10, 25)) for _ in range(rng.randint(20, 30)))
+        )
     for _ in range(20):  # mixed: a language, a code line and words
         texts.append(f"{rng.choice(LANGS)} {rng.choice(CODE).strip()} {sentence(rng, 8)}")
     rng.shuffle(texts)

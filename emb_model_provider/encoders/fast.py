@@ -31,7 +31,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ PaddedForward = Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64]], torch.T
 _CALIBRATION_BATCH = 32
 #: Files in a model directory that ship an OpenVINO or ONNX graph, used as they are.
 _SHIPPED_GRAPHS = ("openvino/openvino_model.xml", "onnx/model.onnx")
-_DECISION = "decision.json"
+_DECISION = "decision-{path}.json"
 _IR = "openvino_model.xml"
 
 
@@ -147,9 +146,10 @@ def _vector_features() -> tuple[str, ...]:
 # -- the cache ----------------------------------------------------------------------------------
 
 
-def cache_key(model_dir: Path, candidate: Candidate, settings: dict[str, object]) -> str:
+def cache_key(model_dir: Path, settings: dict[str, object]) -> str:
     """What decides the export and the measured cosines: the model's files (names, sizes, change
-    times), the libraries' versions, the path and the settings that change the vectors."""
+    times), the libraries' versions and the settings that change the vectors. One folder per
+    key holds the export (shared by the paths of one runtime) and each path's decision."""
     files = sorted(
         (str(path.relative_to(model_dir)), path.stat().st_size, path.stat().st_mtime_ns)
         for path in model_dir.rglob("*")
@@ -161,7 +161,6 @@ def cache_key(model_dir: Path, candidate: Candidate, settings: dict[str, object]
             "model": str(model_dir.resolve()),
             "files": files,
             "versions": versions,
-            "path": candidate.path,
             "settings": settings,
         },
         sort_keys=True,
@@ -193,17 +192,17 @@ class Decision:
     graph: str | None = None
 
 
-def read_decision(folder: Path) -> Decision | None:
+def read_decision(folder: Path, path: str) -> Decision | None:
     try:
-        raw = json.loads((folder / _DECISION).read_text(encoding="utf-8"))
+        raw = json.loads((folder / _DECISION.format(path=path)).read_text(encoding="utf-8"))
         return Decision(float(raw["min_cosine"]), float(raw["mean_cosine"]), raw.get("graph"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def write_decision(folder: Path, decision: Decision) -> None:
+def write_decision(folder: Path, path: str, decision: Decision) -> None:
     _atomic_write(
-        folder / _DECISION,
+        folder / _DECISION.format(path=path),
         json.dumps(
             {
                 "min_cosine": decision.min_cosine,
@@ -369,11 +368,6 @@ def encode_all(
     return np.concatenate(parts)
 
 
-def clear(folder: Path) -> None:
-    """Drop a cache entry that could not be used (a later load builds it again)."""
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def choose(
     encode_with: Callable[[PaddedForward | None, Sequence[str]], npt.NDArray[np.float32]],
     model: torch.nn.Module,
@@ -398,9 +392,9 @@ def choose(
     reference: npt.NDArray[np.float32] | None = None
     reasons: list[str] = []
     first: Decision | None = None
+    folder = export_dir / cache_key(model_dir, settings)
     for candidate in found:
-        folder = export_dir / cache_key(model_dir, candidate, settings)
-        decision = read_decision(folder)
+        decision = read_decision(folder, candidate.path)
         try:
             if candidate.backend == "openvino":
                 forward, graph = openvino_forward(
@@ -414,13 +408,12 @@ def choose(
                 vectors = encode_all(functools.partial(encode_with, forward), texts)
                 least, mean = cosines(reference, vectors)
                 decision = Decision(least, mean, graph)
-                write_decision(folder, decision)
+                write_decision(folder, candidate.path, decision)
             else:
                 logger.info("precision fast: %s gate decision read from %s", candidate.path, folder)
         except Exception as exc:  # a conversion the library cannot do: try the next path
             logger.warning("precision fast: %s failed: %s", candidate.path, exc, exc_info=True)
             reasons.append(f"{candidate.path} failed ({type(exc).__name__}: {exc})")
-            clear(folder)
             continue
         first = first or decision
         if decision.min_cosine >= gate:

@@ -419,7 +419,7 @@ def load_text_encoder(
         encoder.dimensions,
         encoder.max_input_tokens,
         encoder.pooling.name,
-        encoder.backend,
+        encoder.backend if encoder.precision.path == EXACT_PATH else encoder.precision.path,
     )
     return encoder
 
