@@ -37,6 +37,14 @@ TEXTS = [
 ]
 PROMPTS = {"query": "query: "}
 
+#: The bfloat16 paths run only on a CPU that computes in bfloat16 (AVX-512 BF16 or AMX); on
+#: another their tests skip, and `fast` there gets openvino-float32 (tested everywhere).
+_CPU_BF16 = bool(fast._bf16_features())
+_OPENVINO_BF16 = fast.openvino_available() and fast._openvino_bf16()
+needs_bf16 = pytest.mark.skipif(
+    not (_CPU_BF16 and _OPENVINO_BF16), reason="this CPU has no bfloat16 instructions"
+)
+
 
 def _options(export_dir: Path, **overrides: object) -> LoadOptions:
     values: dict[str, object] = {
@@ -137,6 +145,7 @@ def test_exact_is_float32_byte_for_byte(good: Path, tmp_path: Path) -> None:
     )
 
 
+@needs_bf16
 def test_gate_refuses_a_bad_path_and_serves_float32(
     bad: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -229,7 +238,11 @@ def families(root: Path) -> dict[Family, Path]:
 
 @pytest.mark.parametrize(
     ("backend", "dtype"),
-    [("openvino", "bfloat16"), ("openvino", "float32"), ("torch", "bfloat16")],
+    [
+        pytest.param("openvino", "bfloat16", marks=needs_bf16),
+        ("openvino", "float32"),
+        pytest.param("torch", "bfloat16", marks=needs_bf16),
+    ],
 )
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_within_the_gate(
@@ -263,6 +276,7 @@ def server(root: Path, good: Path, bad: Path) -> Iterator[tuple[str, object]]:
         yield url, app
 
 
+@needs_bf16
 def test_server_serves_fast_and_reports_it(
     server: tuple[str, object], good: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
