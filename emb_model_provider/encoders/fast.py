@@ -177,11 +177,14 @@ def _version(name: str) -> str | None:
 
 
 def default_export_dir(cache_dir: str | None) -> Path:
-    """Beside the hub cache (``cache_dir`` or huggingface_hub's), not inside it."""
+    """In the cache folder the operator chose (``EMB_PROVIDER_CACHE_DIR``), or else beside
+    huggingface_hub's hub cache (``~/.cache/huggingface/emb-model-provider-fast``), where
+    ``hf cache scan`` does not mistake it for a model."""
     from huggingface_hub import constants
 
-    root = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
-    return root / "emb-model-provider-fast"
+    if cache_dir:
+        return Path(cache_dir) / "emb-model-provider-fast"
+    return Path(constants.HF_HUB_CACHE).parent / "emb-model-provider-fast"
 
 
 @dataclass(frozen=True)
