@@ -16,12 +16,13 @@ QUERIES = 100
 TOP_K = 10
 
 
-def measure_accuracy(base: str, model: str, model_dir: str, corpus: list[str]) -> dict[str, Any]:
-    from sentence_transformers import SentenceTransformer
+#: float32 reference vectors by (model directory, corpus size): computed once per run, however
+#: many servers are compared with them.
+_REFERENCES: dict[tuple[str, int], np.ndarray] = {}
 
-    reference = SentenceTransformer(model_dir, device="cpu").encode(
-        corpus, batch_size=32, normalize_embeddings=True
-    )
+
+def measure_accuracy(base: str, model: str, model_dir: str, corpus: list[str]) -> dict[str, Any]:
+    reference = _reference(model_dir, corpus)
     served = _fetch(base, model, corpus)
     cosines = np.sum(reference * served, axis=1)
     picks = np.linspace(0, len(corpus) - 1, min(QUERIES, len(corpus))).astype(int)
@@ -38,6 +39,17 @@ def measure_accuracy(base: str, model: str, model_dir: str, corpus: list[str]) -
         "top10_agreement": agree / (len(picks) * TOP_K),
         "precision": card.get("precision"),
     }
+
+
+def _reference(model_dir: str, corpus: list[str]) -> np.ndarray:
+    key = (model_dir, len(corpus))
+    if key not in _REFERENCES:
+        from sentence_transformers import SentenceTransformer
+
+        _REFERENCES[key] = SentenceTransformer(model_dir, device="cpu").encode(
+            corpus, batch_size=32, normalize_embeddings=True
+        )
+    return _REFERENCES[key]
 
 
 def _fetch(base: str, model: str, corpus: list[str]) -> np.ndarray:
