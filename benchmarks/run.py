@@ -52,6 +52,7 @@ from bench.targets import Server, make_targets
 
 ALL_SCENARIOS = (
     "raw", "single", "bulk", "chatty", "sweep", "rss", "image", "repeat", "multimodal", "rerank",
+    "accuracy",
 )  # fmt: skip
 
 
@@ -68,7 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="ours,ours-bf16,naive,infinity",
-        help="ours,ours-bf16,ours-t1,ours-passive,ours-traced,ours-traced-10,ours-int8,ours-ubinary,naive,"
+        help="ours,ours-fast,ours-bf16,ours-t1,ours-passive,ours-traced,ours-traced-10,ours-int8,ours-ubinary,naive,"
         "infinity (ours-int8, ours-ubinary: our server asked for quantised vectors)",
     )
     parser.add_argument(
@@ -183,6 +184,15 @@ def run_servers(
             measured = asyncio.run(run_interleaved(servers, corpus, plan, server_scenarios))
             for name, values in measured.items():
                 out[name].update(values)
+        if "accuracy" in args.scenario_set:
+            from bench.accuracy import measure_accuracy
+
+            for name, server in servers.items():
+                if name.startswith("ours"):
+                    log(f"{name}: accuracy against float32 sentence-transformers")
+                    out[name]["accuracy"] = measure_accuracy(
+                        server.base, plan.model, model_dir, corpus
+                    )
     finally:
         for server in servers.values():
             server.stop()

@@ -26,6 +26,7 @@ _SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--default-model": ("default_model", str, "model loaded at start-up"),
     "--device": ("device", str, "auto | cpu | cuda | cuda:N | mps"),
     "--dtype": ("dtype", str, "auto | float32 | float16 | bfloat16"),
+    "--precision": ("precision", str, "exact | fast (text models whose entry names none)"),
     "--log-level": ("log_level", str, "debug | info | warning | error | critical"),
     "--models-file": ("models_file", str, "YAML file that adds or overrides models"),
     "--max-batch-size": ("max_batch_size", str, "inputs per forward pass"),

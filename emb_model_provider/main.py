@@ -58,6 +58,7 @@ def _model_manager(
         num_threads=settings.num_threads,
         max_image_pixels=settings.max_image_pixels,
         trust_remote_code=settings.trust_remote_code,
+        precision=settings.precision,
     )
     return ModelManager(
         registry,

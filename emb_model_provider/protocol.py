@@ -122,6 +122,24 @@ class ModelCard(BaseModel):
     task: Task | None = None
     #: Where the int8/uint8 ranges come from (image models: none, binary only).
     quantization_ranges: str | None = None
+    #: Text models: ``exact`` or ``fast``, what serves and its measured accuracy.
+    precision: PrecisionCard | None = None
+
+
+class PrecisionCard(BaseModel):
+    """What ``precision`` chose for a model and the accuracy it measured (encoders/fast.py)."""
+
+    requested: Literal["exact", "fast"]
+    #: What serves, e.g. ``torch-float32`` or ``openvino-bfloat16``; None until loaded.
+    path: str | None = None
+    #: Least and mean cosine to float32 over the calibration texts (``fast`` only).
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    #: The least cosine the fast path had to reach (the entry's ``min_cosine``).
+    gate: float | None = None
+    #: Why float32 serves although ``fast`` was asked for.
+    reason: str | None = None
+    cpu_features: list[str] | None = None
 
 
 class ModelList(BaseModel):

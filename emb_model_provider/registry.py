@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from emb_model_provider.core.errors import ConfigError, ModelNotFound
-from emb_model_provider.core.kinds import DType, Modality, Pooling, Task
+from emb_model_provider.core.kinds import DType, FastBackend, Modality, Pooling, Precision, Task
 from emb_model_provider.encoders.base import Encoder, LoadOptions
 from emb_model_provider.encoders.sources import PACKAGE_SOURCE_PREFIX, SourceError, resolve_source
 from emb_model_provider.encoders.tasks import detect_task, is_causal_lm, local_task
@@ -53,6 +53,12 @@ class ModelSpec:
     task: Task | None = None
     #: int8/uint8 calibration: a file of texts, one per line; None: the built-in set.
     calibration_texts: str | None = None
+    #: ``exact`` or ``fast`` (text models); None: the server's ``EMB_PROVIDER_PRECISION``.
+    precision: Precision | None = None
+    #: The accuracy gate of ``fast``: least cosine to float32 over the calibration texts.
+    min_cosine: float = 0.99
+    #: Pins the fast path's runtime (expert); with ``dtype``, its dtype.
+    backend: FastBackend | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -189,8 +195,22 @@ def build_encoder(spec: ModelSpec, options: LoadOptions) -> Encoder:
             spec.source,
             revision=spec.revision,
             max_input_tokens=spec.max_input_tokens,
-            options=options,
+            # Rerankers run exact (the fast paths are measured for embedding models only).
+            options=dataclasses.replace(options, precision="exact"),
         )
+    precision = spec.precision or options.precision
+    if spec.modality == "text":
+        options = dataclasses.replace(
+            options,
+            precision=precision,
+            min_cosine=spec.min_cosine,
+            fast_backend=spec.backend,
+            # With ``fast``, an entry's dtype pins the fast path's; float32 is the reference.
+            fast_dtype=spec.dtype if precision == "fast" else None,
+        )
+    else:
+        # Measured for image and multimodal encoders: see docs/models.md (precision).
+        options = dataclasses.replace(options, precision="exact")
     loader = _loader(target)
     text_options: dict[str, object] = {}
     if spec.modality == "text":
@@ -253,6 +273,9 @@ class _ModelEntry(BaseModel):
     task: Task | None = None
     #: A file of texts, one per line, whose vectors fix the int8/uint8 ranges.
     calibration_texts: str | None = Field(None, min_length=1)
+    precision: Precision | None = None
+    min_cosine: float = Field(0.99, gt=0.0, le=1.0)
+    backend: FastBackend | None = None
 
     @model_validator(mode="after")
     def _source_or_base(self) -> _ModelEntry:
@@ -320,6 +343,9 @@ def load_models_file(path: Path) -> list[ModelSpec]:
             prompts=tuple(entry.prompts.items()),
             default_prompt_name=entry.default_prompt_name,
             trust_remote_code=entry.trust_remote_code,
+            precision=entry.precision,
+            min_cosine=entry.min_cosine,
+            backend=entry.backend,
             base=entry.base,
             prompt_name=entry.prompt_name,
             task=_entry_task(entry, path.parent),

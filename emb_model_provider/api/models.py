@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request
 
 from emb_model_provider.api.auth import check_model_access, may_see_model
 from emb_model_provider.api.deps import ModelsDep
-from emb_model_provider.encoders.base import PromptedEncoder
-from emb_model_provider.protocol import ErrorResponse, ModelCard, ModelList
+from emb_model_provider.encoders.base import PrecisionReport, PromptedEncoder
+from emb_model_provider.protocol import ErrorResponse, ModelCard, ModelList, PrecisionCard
 from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.models import ModelManager
 from emb_model_provider.services.quantize import ranges_source
@@ -42,6 +42,25 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
         task=task,
         # int8/uint8 ranges are an embedding model's (a reranker's scores are not quantised).
         quantization_ranges=ranges_source(weights) if task != "rerank" else None,
+        # Rerankers run exact: the fast paths are measured for embedding models only.
+        precision=_precision(weights, encoder, models) if task != "rerank" else None,
+    )
+
+
+def _precision(spec: ModelSpec, encoder: object, models: ModelManager) -> PrecisionCard | None:
+    if spec.modality != "text":
+        return None
+    report = getattr(encoder, "precision", None)
+    if not isinstance(report, PrecisionReport):
+        return PrecisionCard(requested=models.requested_precision(spec))
+    return PrecisionCard(
+        requested=report.requested,
+        path=report.path,
+        min_cosine=report.min_cosine,
+        mean_cosine=report.mean_cosine,
+        gate=report.gate,
+        reason=report.reason,
+        cpu_features=list(report.cpu_features) or None,
     )
 
 

@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emb_model_provider.core.kinds import DType as ModelDType
+from emb_model_provider.core.kinds import Precision
 
 ENV_PREFIX = "EMB_PROVIDER_"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -48,6 +49,15 @@ class Settings(BaseSettings):
     dtype: DType = Field(
         "auto",
         description="auto = float16 on CUDA, float32 elsewhere; or float32/float16/bfloat16.",
+    )
+    precision: Precision = Field(
+        "exact",
+        description=(
+            "Text models whose models-file entry names none: exact = float32, the reference "
+            "library's vectors; fast = the fastest path this CPU runs (OpenVINO bfloat16, ...) "
+            "that passes the accuracy gate at load (least cosine to float32 >= min_cosine), "
+            "else float32."
+        ),
     )
     default_model: str = Field(DEFAULT_MODEL, description="Loaded and warmed up at start-up.")
     models_file: Path | None = Field(None, description="YAML file adding or overriding models.")

@@ -36,3 +36,10 @@ QUANTIZATIONS: tuple[Quantization, ...] = get_args(Quantization)
 
 #: ``encoding_format`` of /v1/embeddings: OpenAI's two and, as extensions, the quantised forms.
 EncodingFormat = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]
+
+#: What an operator asks of a model's numbers: ``exact`` (float32, the reference library's
+#: vectors) or ``fast`` (the fastest path this machine runs that passes the accuracy gate).
+Precision = Literal["exact", "fast"]
+
+#: The runtime a ``fast`` model may be pinned to (sentence-transformers' ``backend`` names).
+FastBackend = Literal["openvino", "torch"]

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from emb_model_provider.core.kinds import Modality, PrepareThread, Task
+from emb_model_provider.core.kinds import FastBackend, Modality, Precision, PrepareThread, Task
 from emb_model_provider.core.vectors import Vectors
 
 __all__ = [
     "Encoder",
     "EncoderInput",
     "LoadOptions",
+    "PrecisionReport",
     "PreparedInput",
     "RerankEncoder",
     "TextPair",
@@ -30,6 +31,9 @@ TextPair = tuple[str, str]
 #: One input of any task: a text, an image's bytes, or a text pair. Each encoder takes the kinds
 #: its task needs and refuses the others with ``BadInput``.
 EncoderInput = str | bytes | TextPair
+
+#: The path ``precision: exact`` serves, and ``fast`` falls back to.
+EXACT_PATH = "torch-float32"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,36 @@ class LoadOptions:
     max_image_pixels: int = 40_000_000
     #: Run code a model directory ships (``auto_map``); off, such a model fails to load.
     trust_remote_code: bool = False
+    #: ``exact``: float32 torch; ``fast``: the fastest path that passes the accuracy gate.
+    precision: Precision = "exact"
+    #: The accuracy gate: a fast path is kept only if its least cosine to float32 over the
+    #: calibration texts is at least this.
+    min_cosine: float = 0.99
+    #: Pins of the fast path (expert): its runtime, and its dtype (None: the best the CPU has).
+    fast_backend: FastBackend | None = None
+    fast_dtype: str | None = None
+    #: Where fast-path exports and gate decisions are kept; None: beside the hub cache.
+    export_dir: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrecisionReport:
+    """What ``precision`` chose for a loaded model and the accuracy it measured."""
+
+    requested: Precision
+    #: What serves: ``torch-float32`` (exact, or a refused fast path) or a fast path such as
+    #: ``openvino-bfloat16``.
+    path: str
+    #: Least and mean cosine of the chosen path's vectors to float32 over the calibration texts
+    #: (1.0 for float32 itself); None when nothing was measured (``exact``).
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    #: The gate the path had to pass.
+    gate: float | None = None
+    #: Why a fast path was not taken (None when it was, or when none was asked for).
+    reason: str | None = None
+    #: CPU features the path relies on (e.g. ``avx512_bf16``).
+    cpu_features: tuple[str, ...] = ()
 
 
 class Encoder(Protocol):

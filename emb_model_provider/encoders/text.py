@@ -43,8 +43,15 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
 from emb_model_provider.core.kinds import Pooling
-from emb_model_provider.encoders import bert_unpadded
-from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
+from emb_model_provider.encoders import bert_unpadded, fast
+from emb_model_provider.encoders.base import (
+    EXACT_PATH,
+    EncoderInput,
+    LoadOptions,
+    PrecisionReport,
+    PreparedInput,
+    Vectors,
+)
 from emb_model_provider.encoders.runtime import (
     oom_releases_cache,
     release,
@@ -173,6 +180,10 @@ class TextEncoder:
         #: Pad share a length group may have; None: the whole batch in one padded forward
         #: (a GPU wants few large kernels more than it minds pad tokens).
         self.pad_share: float | None = _CPU_PAD_SHARE if device.type == "cpu" else None
+        #: ``precision: fast``: the padded forward that replaces the float32 torch one (OpenVINO,
+        #: torch bfloat16), set when it has passed the accuracy gate (``encoders/fast.py``).
+        self._fast: fast.PaddedForward | None = None
+        self.precision: PrecisionReport = PrecisionReport(requested="exact", path=EXACT_PATH)
 
     def _prompt_length(self, prompt: str) -> int:
         """Tokens of ``prompt`` alone, without a trailing special token (sentence-transformers'
@@ -223,7 +234,7 @@ class TextEncoder:
             oom_releases_cache(self._device),
             torch.inference_mode(),
         ):
-            if self._unpadded is not None:
+            if self._unpadded is not None and self._fast is None:
                 pooled = self._unpadded.pooled(ids, self._device, self._pool, skip)
             else:
                 pooled = self._encode_grouped(ids, skip)
@@ -266,6 +277,8 @@ class TextEncoder:
         for row, ids in enumerate(batch):
             input_ids[row, : ids.shape[0]] = ids
             attention_mask[row, : ids.shape[0]] = 1
+        if self._fast is not None:
+            return self._fast(input_ids, attention_mask), torch.from_numpy(attention_mask).bool()
         ids_t = torch.from_numpy(input_ids).to(self._device, non_blocking=True)
         mask_t = torch.from_numpy(attention_mask).to(self._device, non_blocking=True)
         kwargs: dict[str, torch.Tensor] = {"input_ids": ids_t, "attention_mask": mask_t}
@@ -276,6 +289,30 @@ class TextEncoder:
         if hidden is None:  # custom code may return a tuple
             hidden = output[0]
         return hidden, mask_t.bool()
+
+    def encode_texts_with(
+        self, forward: fast.PaddedForward | None, texts: Sequence[str]
+    ) -> npt.NDArray[np.float32]:
+        """``texts`` through the whole pipeline with ``forward`` in place of the current one
+        (None: float32 torch): the accuracy gate's two sides, before the model serves."""
+        current, self._fast = self._fast, forward
+        try:
+            return self.encode(self.prepare(texts, truncate=True))
+        finally:
+            self._fast = current
+
+    def serve_fast(self, forward: fast.PaddedForward, report: PrecisionReport) -> None:
+        """Serve through ``forward`` from now on, and free the float32 torch weights it
+        replaces (a Dense head, small, stays in torch)."""
+        with self._forward_lock:
+            self._fast = forward
+            self.precision = report
+            self._unpadded = None
+            self.memory_bytes = weight_bytes(self._model)
+            if report.path.endswith("bfloat16"):
+                self.memory_bytes //= 2
+            release(self._model, self._device)
+            self.placement = f"{self._device} ({report.path})"
 
     def warmup(self) -> None:
         for texts in (["warm up"], ["warm up the encoder with a longer sentence"] * 4):
@@ -338,6 +375,9 @@ def load_text_encoder(
     if not trust:
         _refuse_custom_code(config.transformer_dir)
     device, dtype = torch_runtime(options)
+    if options.precision == "fast" and device.type == "cpu":
+        # float32 is the gate's reference; the fast path's own dtype is ``fast_dtype``.
+        dtype = torch.float32
     try:
         model_config = AutoConfig.from_pretrained(
             str(config.transformer_dir), trust_remote_code=trust
@@ -397,6 +437,8 @@ def load_text_encoder(
         default_prompt_name=default_prompt,
     )
     encoder.truncate_dim = read_truncate_dim(model_dir)
+    if options.precision == "fast":
+        _take_fast_path(encoder, model, model_dir, device, options)
     logger.info(
         "loaded text model %s from %s on %s: %d dimensions, %d max tokens, %s pooling, %s forward",
         encoder.architecture,
@@ -405,9 +447,46 @@ def load_text_encoder(
         encoder.dimensions,
         encoder.max_input_tokens,
         encoder.pooling.name,
-        encoder.backend,
+        encoder.backend if encoder.precision.path == EXACT_PATH else encoder.precision.path,
     )
     return encoder
+
+
+def _take_fast_path(
+    encoder: TextEncoder,
+    model: PreTrainedModel,
+    model_dir: Path,
+    device: torch.device,
+    options: LoadOptions,
+) -> None:
+    """Measure the fast paths against float32 (``encoders/fast.py``) and serve the first that
+    passes the gate; otherwise float32 serves, and ``encoder.precision`` says why."""
+    export_dir = (
+        Path(options.export_dir)
+        if options.export_dir
+        else fast.default_export_dir(options.cache_dir)
+    )
+    forward, report = fast.choose(
+        encoder.encode_texts_with,
+        model,
+        model_dir,
+        device=device.type,
+        gate=options.min_cosine,
+        backend=options.fast_backend,
+        dtype=options.fast_dtype,
+        num_threads=options.num_threads,
+        export_dir=export_dir,
+        settings={
+            "max_input_tokens": encoder.max_input_tokens,
+            "pooling": encoder.pooling.name,
+            "include_prompt": encoder.pooling.include_prompt,
+            "dimensions": encoder.dimensions,
+        },
+    )
+    if forward is None:
+        encoder.precision = report
+    else:
+        encoder.serve_fast(forward, report)
 
 
 def _pooling(

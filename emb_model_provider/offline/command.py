@@ -32,6 +32,7 @@ DESCRIPTION = (
 SETTINGS_FLAGS: dict[str, tuple[str, str]] = {
     "--device": ("device", "auto | cpu | cuda | cuda:N | mps (EMB_PROVIDER_DEVICE)"),
     "--dtype": ("dtype", "auto | float32 | float16 | bfloat16"),
+    "--precision": ("precision", "exact | fast: float32, or the fastest path passing the gate"),
     "--models-file": ("models_file", "YAML file that adds or overrides models"),
     "--cache-dir": ("cache_dir", "Hugging Face hub cache directory"),
 }

@@ -19,6 +19,7 @@ import numpy as np
 
 from emb_model_provider.core.config import Settings
 from emb_model_provider.core.errors import BadInput, ConfigError, InvalidRequest, ProviderError
+from emb_model_provider.core.kinds import Precision
 from emb_model_provider.encoders.base import (
     Encoder,
     LoadOptions,
@@ -43,6 +44,7 @@ class LocalConfig:
     batch_size: int = 64
     device: str = "auto"
     dtype: str = "auto"
+    precision: Precision = "exact"
     models_file: str | None = None
     hf_token: str | None = None
     cache_dir: str | None = None
@@ -66,6 +68,7 @@ class LocalConfig:
             batch_size=batch_size,
             device=settings.device,
             dtype=settings.dtype,
+            precision=settings.precision,
             # Absolute: Ray actors may run in another working directory.
             models_file=str(settings.models_file.resolve()) if settings.models_file else None,
             hf_token=settings.hf_token_value(),
@@ -125,6 +128,7 @@ class LocalEmbedder:
             num_threads=config.num_threads,
             max_image_pixels=config.max_image_pixels,
             trust_remote_code=config.trust_remote_code,
+            precision=config.precision,
         )
         try:
             self._encoder: Encoder = build_encoder(weights, options)

@@ -28,9 +28,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from emb_model_provider.encoders.base import PrecisionReport
 from emb_model_provider.scheduler import Histogram as BatcherHistogram
 from emb_model_provider.services.cache import MemoryBackend, ResultCache
-from emb_model_provider.services.models import ModelManager
+from emb_model_provider.services.models import LoadedModel, ModelManager
 
 PREFIX = "emb_provider"
 
@@ -168,6 +169,7 @@ class _ModelCollector(Collector):
             sizes.append((name, stats.batch_sizes))
             waits.append((name, stats.queue_wait_s))
         yield from (load_time, queued, batches, skipped, failed)
+        yield _precision(loaded)
         yield _histogram(f"{PREFIX}_batch_size", "Inputs per forward pass.", sizes)
         yield _histogram(
             f"{PREFIX}_queue_wait_seconds",
@@ -184,6 +186,32 @@ class _ModelCollector(Collector):
             for kind, value in memory.items():
                 gauge.add_metric([kind.removesuffix("_bytes")], value)
             yield gauge
+
+
+def _precision(loaded: list[LoadedModel]) -> GaugeMetricFamily:
+    """The accuracy gate's figures (``precision: fast``): least and mean cosine to float32 of
+    the path that serves, with the precision asked for and the path chosen as labels."""
+    gauge = GaugeMetricFamily(
+        f"{PREFIX}_precision_cosine",
+        "Cosine to float32 over the calibration texts measured at load (stat: min, mean), by "
+        "model, precision asked for and path serving (torch-float32 when fast was refused).",
+        labels=["model", "requested", "path", "stat"],
+    )
+    for model in loaded:
+        report = getattr(model.encoder, "precision", None)
+        if not isinstance(report, PrecisionReport) or report.requested != "fast":
+            continue
+        serving_fast = report.reason is None
+        for stat, value in (("min", report.min_cosine), ("mean", report.mean_cosine)):
+            if value is None:
+                continue
+            # A refused path's figures are not what serves: float32 serves, at cosine 1.
+            figure = value if serving_fast else 1.0
+            gauge.add_metric([model.spec.name, report.requested, report.path, stat], figure)
+        if not serving_fast and report.min_cosine is None:
+            for stat in ("min", "mean"):
+                gauge.add_metric([model.spec.name, report.requested, report.path, stat], 1.0)
+    return gauge
 
 
 class _CacheCollector(Collector):

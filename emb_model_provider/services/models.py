@@ -23,7 +23,8 @@ from typing import Literal
 
 from emb_model_provider.core import heap, model_thread
 from emb_model_provider.core.errors import InvalidRequest, ModelLoadFailed
-from emb_model_provider.encoders.base import Encoder, LoadOptions
+from emb_model_provider.core.kinds import Precision
+from emb_model_provider.encoders.base import EXACT_PATH, Encoder, LoadOptions, PrecisionReport
 from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.registry import ModelSpec, Registry, build_encoder, default_dimensions
 from emb_model_provider.scheduler import DynamicBatcher
@@ -116,6 +117,10 @@ class ModelManager:
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._failures: dict[str, str] = {}
 
+    def requested_precision(self, spec: ModelSpec) -> Precision:
+        """The precision ``spec`` asks for: its entry's, or the server's."""
+        return spec.precision or self._options.precision
+
     def loaded(self, name: str) -> LoadedModel | None:
         return self._loaded.get(name)
 
@@ -180,6 +185,13 @@ class ModelManager:
             ) from exc
         # After the load, so that a hub model is in the hub cache (no second download).
         fingerprint = await self._fingerprint(spec)
+        report = getattr(encoder, "precision", None)
+        # A fast path's vectors differ from float32's: cached apart. A refused fast path serves
+        # float32, whose vectors (and keys) are exact's.
+        fast_path = isinstance(report, PrecisionReport) and report.path != EXACT_PATH
+        if fingerprint is not None and fast_path:
+            assert isinstance(report, PrecisionReport)
+            fingerprint = f"{fingerprint}+{report.path}"
         batcher = DynamicBatcher(
             spec.name,
             model_thread.bound(encoder.encode),
