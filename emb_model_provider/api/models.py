@@ -40,8 +40,9 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
         ),
         base=spec.base,
         task=task,
-        # int8/uint8 ranges are an embedding model's (a reranker's scores are not quantised).
-        quantization_ranges=ranges_source(weights) if task != "rerank" else None,
+        # int8/uint8 ranges are an embedding model's (a reranker's scores and sparse weights are
+        # not quantised).
+        quantization_ranges=ranges_source(weights) if task not in ("rerank", "sparse") else None,
     )
 
 
