@@ -23,7 +23,9 @@ from emb_model_provider.encoders.base import EncoderInput, LoadOptions
 from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.encoders.sparse import SparseModel, load_sparse_encoder
 from emb_model_provider.encoders.tasks import detect_task
+from emb_model_provider.cli import main as cli_main
 from tests.live import live_server, test_settings
+from tests.test_batch_api import _line, _lines_of, _upload, _wait
 from tests.tiny_text_models import text_models_file
 
 CPU = LoadOptions(device="cpu", dtype="float32")
@@ -172,9 +174,7 @@ def _from_pairs(indices: list[int], values: list[float]) -> np.ndarray:
     return row
 
 
-@pytest.mark.parametrize(
-    ("model", "prompt_name"), [("splade", None), ("splade-prompts", "query")]
-)
+@pytest.mark.parametrize(("model", "prompt_name"), [("splade", None), ("splade-prompts", "query")])
 def test_openai_sdk_gets_indices_and_values(
     client: openai.OpenAI, splade: Path, splade_prompts: Path, model: str, prompt_name: str | None
 ) -> None:
@@ -260,3 +260,53 @@ def test_a_sparse_model_is_refused_where_vectors_are_dense(http: httpx.Client) -
     wrong = http.post("/v1/rerank", json={"model": "splade", "query": "a", "documents": ["b"]})
     assert wrong.status_code == 400
     assert wrong.json()["error"]["code"] == "wrong_model_task"
+
+
+# -- bulk: the Batch API carries sparse bodies; the embed command refuses sparse models ----------
+
+
+def test_batch_api_lines_get_sparse_bodies(server_url: str, splade: Path) -> None:
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0)
+    lines = [
+        _line("ok", {"model": "splade", "input": TEXTS, "encoding_format": "float"}),
+        _line("base64", {"model": "splade", "input": TEXTS[0], "encoding_format": "base64"}),
+    ]
+    batch = client.batches.create(
+        input_file_id=_upload(client, lines), endpoint="/v1/embeddings", completion_window="24h"
+    )
+    done = _wait(client, batch.id)
+    assert done.status == "completed", done.errors
+    out = {line["custom_id"]: line["response"] for line in _lines_of(client, done.output_file_id)}
+    errors = {line["custom_id"]: line["response"] for line in _lines_of(client, done.error_file_id)}
+    rows = [
+        _from_pairs(item["embedding"]["indices"], item["embedding"]["values"])
+        for item in out["ok"]["body"]["data"]
+    ]
+    _same(np.stack(rows), _dense(SparseEncoder(str(splade), device="cpu").encode(TEXTS)))
+    assert errors["base64"]["status_code"] == 400
+
+
+def test_embed_command_refuses_a_sparse_model(
+    splade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = text_models_file(tmp_path / "models.yaml", [{"name": "splade", "source": str(splade)}])
+    source = tmp_path / "texts.txt"
+    source.write_text("one\ntwo\n", encoding="utf-8")
+    output = tmp_path / "out.parquet"
+    code = cli_main(
+        [
+            "embed",
+            str(source),
+            "-o",
+            str(output),
+            "--model",
+            "splade",
+            "--models-file",
+            str(models),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 1
+    assert "dense vectors of embedding models only" in capsys.readouterr().err
+    assert not output.exists()

@@ -165,13 +165,14 @@ class EmbeddingService:
         background: bool,
     ) -> Reply:
         """A sparse model on /v1/embeddings: ``{"indices", "values"}`` embeddings, and
-        ``dimensions`` keeps the top-k weights (``services/sparse.py``)."""
+        ``dimensions`` (the request's, else the models file's) keeps the top-k weights
+        (``services/sparse.py``)."""
         sparse.refuse_encoding(spec, request.encoding_format)
         result = await sparse.sparse_vectors(
             self,
             spec,
             data,
-            top_k=request.dimensions,
+            top_k=request.dimensions or spec.dimensions,
             prompt_name=request.prompt_name,
             background=background,
         )
