@@ -9,7 +9,8 @@ output bias is shifted so that about one term in a hundred is active per token, 
 vectors of a trained model's sparsity (tens to hundreds of terms). ``size="base"`` has BERT-base's
 shape (12 layers, hidden 768), for speed runs; ``"tiny"`` is for tests.
 
-    uv run python -c "from benchmarks.sparse_models import build_splade as b; b('/tmp/splade', 'base')"
+    uv run python -c "from benchmarks.sparse_models import build_splade as b; \
+b('/tmp/splade', 'base')"
 """
 
 from __future__ import annotations

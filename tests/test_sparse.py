@@ -19,11 +19,11 @@ from numpy.testing import assert_allclose
 from sentence_transformers import SparseEncoder
 
 from benchmarks.sparse_models import build_splade
+from emb_model_provider.cli import main as cli_main
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions
 from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.encoders.sparse import SparseModel, load_sparse_encoder
 from emb_model_provider.encoders.tasks import detect_task
-from emb_model_provider.cli import main as cli_main
 from tests.live import live_server, test_settings
 from tests.test_batch_api import _line, _lines_of, _upload, _wait
 from tests.tiny_text_models import text_models_file

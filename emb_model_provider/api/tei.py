@@ -1,6 +1,6 @@
-"""POST /embed, POST / and POST /embed_sparse: text-embeddings-inference's embed routes (``services/tei.py``), for TEI
-clients such as huggingface_hub's ``InferenceClient``; errors in TEI's shape
-(``api/error_shapes.py``)."""
+"""POST /embed, POST / and POST /embed_sparse: text-embeddings-inference's embed routes
+(``services/tei.py``), for TEI clients such as huggingface_hub's ``InferenceClient``; errors in
+TEI's shape (``api/error_shapes.py``)."""
 
 from __future__ import annotations
 

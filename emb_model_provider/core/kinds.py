@@ -19,8 +19,9 @@ POOLING_MODES: tuple[Pooling, ...] = get_args(Pooling)
 DType = Literal["float32", "float16", "bfloat16"]
 
 #: What a model does with its inputs: ``embed`` (a vector per input), ``rerank`` (a relevance
-#: score per query-document pair) or ``sparse`` (a SPLADE vector: a weight per vocabulary term). TEI and Infinity route by the same notion; a model is never
-#: served as a task it was not built for.
+#: score per query-document pair) or ``sparse`` (a SPLADE vector: a weight per vocabulary
+#: term). TEI and Infinity route by the same notion; a model is never served as a task it was
+#: not built for.
 Task = Literal["embed", "rerank", "sparse"]
 TASKS: tuple[Task, ...] = get_args(Task)
 

@@ -227,7 +227,8 @@ def _modules(model_dir: Path) -> tuple[Path, Path]:
     task = _read_json(transformer_dir / "sentence_bert_config.json").get("transformer_task")
     if kinds[0] == "Transformer" and task != "fill-mask":
         raise SourceError(
-            f"{model_dir}: SpladePooling needs a fill-mask Transformer, not {task or 'feature-extraction'}"
+            f"{model_dir}: SpladePooling needs a fill-mask Transformer, not "
+            f"{task or 'feature-extraction'}"
         )
     return transformer_dir, model_dir / str(listed[1].get("path", ""))
 

@@ -34,10 +34,10 @@ from emb_model_provider.encoders.base import (
 )
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, Inputs, render_embeddings
 from emb_model_provider.registry import ModelSpec
+from emb_model_provider.services import sparse
 from emb_model_provider.services.cache import CachedVector, ResultCache
 from emb_model_provider.services.image_inputs import ImageLoader
 from emb_model_provider.services.models import LoadedModel, ModelManager
-from emb_model_provider.services import sparse
 from emb_model_provider.services.quantize import Calibrations
 from emb_model_provider.services.token_arrays import decode_token_arrays
 

@@ -59,7 +59,8 @@ def non_zero(rows: Vectors, top_k: int | None) -> list[SparseVector]:
     """Each row's non-zero terms; with ``top_k`` only the k largest (ties: the lower index),
     as ``select_max_active_dims`` keeps them."""
     vectors: list[SparseVector] = []
-    for row in rows:
+    for full in rows:
+        row = full
         if top_k is not None and top_k < row.shape[0]:
             kept = np.argsort(-row, kind="stable")[:top_k]
             mask = np.zeros(row.shape[0], dtype=bool)
