@@ -153,6 +153,8 @@ def server_url(
         [
             {"name": "splade", "source": str(splade)},
             {"name": "splade-prompts", "source": str(splade_prompts)},
+            # A models-file dimensions is the default top-k.
+            {"name": "splade-top5", "source": str(splade), "dimensions": 5},
         ],
     )
     with live_server(test_settings(models_file=models, cache="memory")) as url:
@@ -214,6 +216,21 @@ def test_dimensions_keeps_the_top_k(client: openai.OpenAI, splade: Path) -> None
         for item in response.data
     ]
     _same(np.stack(rows), expected)
+
+
+def test_models_file_dimensions_is_the_default_top_k(client: openai.OpenAI, splade: Path) -> None:
+    reference = SparseEncoder(str(splade), device="cpu")
+    response = client.embeddings.create(model="splade-top5", input=TEXTS, encoding_format="float")
+    rows = [
+        _from_pairs(item.embedding["indices"], item.embedding["values"])  # type: ignore[call-overload]
+        for item in response.data
+    ]
+    _same(np.stack(rows), _dense(reference.encode(TEXTS, max_active_dims=5)))
+    # A request's dimensions still wins.
+    wider = client.embeddings.create(
+        model="splade-top5", input=TEXTS[0], encoding_format="float", dimensions=9
+    )
+    assert len(wider.data[0].embedding["indices"]) == 9  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize("encoding_format", [None, "base64", "int8", "ubinary"])
