@@ -152,6 +152,7 @@ ENCODER_LOADERS: dict[Modality, str] = {
 #: revision, max_input_tokens, options). A new task is a line here and its encoder file.
 TASK_LOADERS: dict[Task, str] = {
     "rerank": "emb_model_provider.encoders.cross_encoder:load_cross_encoder",
+    "sparse": "emb_model_provider.encoders.sparse:load_sparse_encoder",
 }
 #: A reranker whose checkpoint is a causal LM (Qwen3-Reranker): yes/no logits of the last token.
 DECODER_RERANKER = "emb_model_provider.encoders.decoder_reranker:load_decoder_reranker"

@@ -29,6 +29,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.rerankers import build_cross_encoder
+from benchmarks.sparse_models import build_splade
 from emb_model_provider.main import create_app
 from emb_model_provider.security.keys import hash_key
 from tests.live import live_server, test_settings
@@ -216,11 +217,12 @@ def image_host(images: dict[str, bytes]) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The server the docs describe: keys on, rate limits on, an image model `dinov3-vits16`
-    (a tiny random DINOv3 standing in for the gated one), a reranker."""
+    (a tiny random DINOv3 standing in for the gated one), a reranker, a SPLADE model."""
     root = tmp_path_factory.mktemp("docs-models")
     vit = tiny_dinov3_vit(root / "vit")
     clip = tiny_clip(root / "clip")
     reranker = build_cross_encoder("bert", root / "reranker")
+    splade = build_splade(root / "splade", prompts={"query": "", "document": ""})
     models = root / "models.yaml"
     models.write_text(
         "models:\n"
@@ -239,7 +241,10 @@ def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "    owned_by: openai\n"
         # A tiny random cross-encoder standing in for cross-encoder/ms-marco-MiniLM-L6-v2.
         "  - name: ms-marco-MiniLM-L6-v2\n"
-        f"    source: {reranker}\n",
+        f"    source: {reranker}\n"
+        # A tiny random SPLADE standing in for naver/splade-v3.
+        "  - name: splade-v3\n"
+        f"    source: {splade}\n",
         encoding="utf-8",
     )
     settings = test_settings(

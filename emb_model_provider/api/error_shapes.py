@@ -22,6 +22,7 @@ ROUTE_SHAPES: dict[str, ErrorShape] = {
     "/v1/embed": "cohere",
     "/v2/embed": "cohere",
     "/embed": "tei",
+    "/embed_sparse": "tei",
     "/": "tei",  # POST /: TEI's root route, what InferenceClient(base_url=...) calls
 }
 

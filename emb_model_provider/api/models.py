@@ -21,6 +21,7 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
     encoder = loaded.encoder if loaded else None
     prompted = encoder if isinstance(encoder, PromptedEncoder) else None
     task = encoder.task if encoder is not None else models.registry.task(spec)
+    dense = task not in ("rerank", "sparse")
     return ModelCard(
         id=spec.name,
         created=spec.created,
@@ -40,10 +41,11 @@ def _card(spec: ModelSpec, models: ModelManager) -> ModelCard:
         ),
         base=spec.base,
         task=task,
-        # int8/uint8 ranges are an embedding model's (a reranker's scores are not quantised).
-        quantization_ranges=ranges_source(weights) if task != "rerank" else None,
-        # Rerankers run exact: the fast paths are measured for embedding models only.
-        precision=_precision(weights, encoder, models) if task != "rerank" else None,
+        # int8/uint8 ranges are a dense embedding model's (a reranker's scores and sparse weights
+        # are not quantised).
+        quantization_ranges=ranges_source(weights) if dense else None,
+        # Rerankers and sparse models run exact: the fast paths are measured for dense embedders.
+        precision=_precision(weights, encoder, models) if dense else None,
     )
 
 

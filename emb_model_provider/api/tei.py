@@ -1,6 +1,6 @@
-"""POST /embed and POST /: text-embeddings-inference's embed route (``services/tei.py``), for TEI
-clients such as huggingface_hub's ``InferenceClient``; errors in TEI's shape
-(``api/error_shapes.py``)."""
+"""POST /embed, POST / and POST /embed_sparse: text-embeddings-inference's embed routes
+(``services/tei.py``), for TEI clients such as huggingface_hub's ``InferenceClient``; errors in
+TEI's shape (``api/error_shapes.py``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from emb_model_provider.api.auth import check_model_access
 from emb_model_provider.api.deps import ReadinessDep, ServiceDep
 from emb_model_provider.api.embeddings import drop_if_disconnected, record_usage
 from emb_model_provider.services import tei
-from emb_model_provider.services.tei import TeiEmbedRequest
+from emb_model_provider.services.tei import TeiEmbedRequest, TeiEmbedSparseRequest
 
 router = APIRouter(tags=["tei"])
 
@@ -44,3 +44,21 @@ async def embed_root(
     body: TeiEmbedRequest, request: Request, service: ServiceDep, readiness: ReadinessDep
 ) -> Response:
     return await _embed(body, request, service, readiness)
+
+
+@router.post("/embed_sparse", summary="TEI's sparse route: [[{index, value}]] per input.")
+async def embed_sparse(
+    body: TeiEmbedSparseRequest, request: Request, service: ServiceDep, readiness: ReadinessDep
+) -> Response:
+    model = body.model or readiness.default_model
+    check_model_access(request, model)
+    reply = await drop_if_disconnected(
+        request, tei.embed_sparse(service, body, default_model=readiness.default_model)
+    )
+    if reply is None:  # nobody is listening; 499 is nginx's "client closed request"
+        return Response(status_code=499)
+    content, result = reply
+    record_usage(
+        request, model=result.model, inputs=len(result.vectors), tokens=result.prompt_tokens
+    )
+    return Response(content=content, media_type="application/json")

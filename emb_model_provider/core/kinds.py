@@ -18,10 +18,11 @@ POOLING_MODES: tuple[Pooling, ...] = get_args(Pooling)
 #: The dtypes a model may be loaded in (settings add ``auto``: the device's best).
 DType = Literal["float32", "float16", "bfloat16"]
 
-#: What a model does with its inputs: ``embed`` (a vector per input) or ``rerank`` (a relevance
-#: score per query-document pair). TEI and Infinity route by the same notion; a model is never
-#: served as a task it was not built for.
-Task = Literal["embed", "rerank"]
+#: What a model does with its inputs: ``embed`` (a vector per input), ``rerank`` (a relevance
+#: score per query-document pair) or ``sparse`` (a SPLADE vector: a weight per vocabulary
+#: term). TEI and Infinity route by the same notion; a model is never served as a task it was
+#: not built for.
+Task = Literal["embed", "rerank", "sparse"]
 TASKS: tuple[Task, ...] = get_args(Task)
 
 #: Where a model's images are decoded and preprocessed: on the model thread (on CPU, where the

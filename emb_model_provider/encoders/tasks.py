@@ -3,15 +3,15 @@
 sentence-transformers and transformers say it in three places, read in this order:
 
 1. ``config_sentence_transformers.json``: ``model_type`` is ``CrossEncoder`` for a reranker
-   (sentence-transformers >= 4 writes it; ``SentenceTransformer`` for an embedder);
+   (sentence-transformers >= 4 writes it; ``SentenceTransformer`` for an embedder,
+   ``SparseEncoder`` for a sparse model), or ``modules.json`` names a ``SpladePooling``;
 2. ``sentence_bert_config.json`` (beside ``modules.json`` or in the Transformer module's
    folder): ``transformer_task: sequence-classification``;
 3. failing those, ``config.json``: a ``*ForSequenceClassification`` architecture. One with more
    than one label (an NLI classifier) is read as a reranker too, so that it is never mean-pooled
    as an embedder; the rerank routes refuse it with a 400 naming its labels.
 
-Anything else is an embedder, as before tasks existed. A new task (sparse vectors: a
-``SparseEncoder`` model type, a ``fill-mask`` transformer task) is a line in ``detect_task``.
+Anything else is an embedder, as before tasks existed. A new task is a line in ``detect_task``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,18 @@ def _transformer_configs(model_dir: Path) -> list[dict[str, Any]]:
     return configs
 
 
+def _has_module(model_dir: Path, suffixes: tuple[str, ...]) -> bool:
+    """``modules.json`` lists a module whose type ends with one of ``suffixes``."""
+    try:
+        listed = json.loads((model_dir / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(
+        isinstance(module, dict) and str(module.get("type", "")).endswith(suffixes)
+        for module in (listed if isinstance(listed, list) else [])
+    )
+
+
 def detect_task(model_dir: Path) -> Task:
     """The task ``model_dir``'s files say the model serves."""
     st_type = _json(model_dir / "config_sentence_transformers.json").get("model_type")
@@ -55,6 +67,10 @@ def detect_task(model_dir: Path) -> Task:
         return "rerank"
     if st_type == "SentenceTransformer":
         return "embed"
+    if st_type == "SparseEncoder":
+        return "sparse"
+    if _has_module(model_dir, (".SpladePooling", ".SparseStaticEmbedding", ".Router")):
+        return "sparse"
     if any(
         config.get("transformer_task") == "sequence-classification"
         for config in _transformer_configs(model_dir)

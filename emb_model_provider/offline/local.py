@@ -134,6 +134,12 @@ class LocalEmbedder:
             self._encoder: Encoder = build_encoder(weights, options)
         except SourceError as exc:
             raise BulkError(f"cannot load model {self._spec.name}: {exc}") from exc
+        if self._encoder.task != "embed":  # a reranker's scores, a SPLADE model's sparse vectors
+            self._encoder.close()
+            raise BulkError(
+                f"model {self._spec.name} serves the task {self._encoder.task}; the embed command "
+                "writes the dense vectors of embedding models only"
+            )
         #: The prompt every text gets, as the server gives it: the name's pinned prompt, else
         #: the model's default.
         self._prompt: str | None = None

@@ -34,6 +34,7 @@ from emb_model_provider.encoders.base import (
 )
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, Inputs, render_embeddings
 from emb_model_provider.registry import ModelSpec
+from emb_model_provider.services import sparse
 from emb_model_provider.services.cache import CachedVector, ResultCache
 from emb_model_provider.services.image_inputs import ImageLoader
 from emb_model_provider.services.models import LoadedModel, ModelManager
@@ -81,8 +82,9 @@ class Computed:
 _TASK_ROUTES: dict[Task, tuple[str, str, str]] = {
     "embed": ("an embedding model", "embedding models", "/v1/embeddings"),
     "rerank": ("a reranker", "rerankers", "/v1/rerank"),
+    "sparse": ("a sparse model", "sparse models", "/v1/embeddings and /embed_sparse"),
 }
-_SPAN_PREFIX: dict[Task, str] = {"embed": "embeddings", "rerank": "rerank"}
+_SPAN_PREFIX: dict[Task, str] = {"embed": "embeddings", "rerank": "rerank", "sparse": "sparse"}
 
 
 def check_task(spec: ModelSpec, serves: Task, wanted: Task) -> None:
@@ -125,6 +127,8 @@ class EmbeddingService:
         """The response to one /v1/embeddings request. ``background`` (Batch API jobs) yields
         the model to interactive requests."""
         spec, data = await self.request_data(request)
+        if await self.task_of(spec) == "sparse":
+            return await self._create_sparse(spec, data, request, background)
         result = await self.embed(
             spec,
             data,
@@ -143,6 +147,36 @@ class EmbeddingService:
             encoding_format=encoding_format,
             prompt_tokens=result.prompt_tokens,
         )
+        return Reply(body, result.model, len(result.vectors), result.prompt_tokens)
+
+    async def task_of(self, spec: ModelSpec) -> Task:
+        """The task ``spec`` serves: known from its files, else its loaded encoder's."""
+        known = self._models.registry.task(spec)
+        if known is not None:
+            return known
+        async with self._models.use(spec) as model:
+            return model.encoder.task
+
+    async def _create_sparse(
+        self,
+        spec: ModelSpec,
+        data: Sequence[EncoderInput],
+        request: EmbeddingRequest,
+        background: bool,
+    ) -> Reply:
+        """A sparse model on /v1/embeddings: ``{"indices", "values"}`` embeddings, and
+        ``dimensions`` (the request's, else the models file's) keeps the top-k weights
+        (``services/sparse.py``)."""
+        sparse.refuse_encoding(spec, request.encoding_format)
+        result = await sparse.sparse_vectors(
+            self,
+            spec,
+            data,
+            top_k=request.dimensions or spec.dimensions,
+            prompt_name=request.prompt_name,
+            background=background,
+        )
+        body = sparse.render_openai(result)
         return Reply(body, result.model, len(result.vectors), result.prompt_tokens)
 
     async def request_data(self, request: EmbeddingRequest) -> tuple[ModelSpec, list[str | bytes]]:

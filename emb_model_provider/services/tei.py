@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from emb_model_provider.core.errors import InvalidRequest
 from emb_model_provider.protocol import EmbeddingRequest
+from emb_model_provider.services import sparse
 from emb_model_provider.services.embedding_service import Embedded, EmbeddingService
 
 _Text = Annotated[StrictStr, Field(min_length=1)]
@@ -58,3 +59,38 @@ async def embed(
         truncate=request.truncate,
     )
     return orjson.dumps(result.vectors, option=orjson.OPT_SERIALIZE_NUMPY), result
+
+
+class TeiEmbedSparseRequest(BaseModel):
+    """TEI's /embed_sparse body: texts of a SPLADE model, ``truncate`` and ``prompt_name``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    inputs: _Text | Annotated[list[_Text], Field(min_length=1)]
+    #: None: the server's EMB_PROVIDER_TRUNCATE; false refuses over-long texts.
+    truncate: bool | None = None
+    truncation_direction: Literal["left", "right", "Left", "Right"] | None = None
+    prompt_name: _Text | None = None
+    #: Extension: the model to use; TEI serves one, so its clients send none.
+    model: _Text | None = None
+
+
+async def embed_sparse(
+    service: EmbeddingService, request: TeiEmbedSparseRequest, *, default_model: str
+) -> tuple[bytes, sparse.SparseResult]:
+    """The body of a TEI embed_sparse request (``[[{"index", "value"}, ...], ...]``), and the
+    result (for usage)."""
+    if request.truncation_direction in ("left", "Left"):
+        raise InvalidRequest(
+            "truncation_direction left is not supported: over-long texts are cut at the end.",
+            param="truncation_direction",
+        )
+    texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+    inner = EmbeddingRequest.model_validate(
+        {"input": texts, "model": request.model or default_model}
+    )
+    spec, data = await service.request_data(inner)
+    result = await sparse.sparse_vectors(
+        service, spec, data, prompt_name=request.prompt_name, truncate=request.truncate
+    )
+    return sparse.render_tei(result), result

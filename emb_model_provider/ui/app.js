@@ -236,8 +236,11 @@
     const select = $("model-select");
     const previous = select.value;
     select.replaceChildren();
-    // Rerankers have their own panel; they serve no embeddings.
-    const embedders = models.cards.filter((card) => card.task !== "rerank");
+    // Rerankers have their own panel; they serve no embeddings. Sparse (SPLADE) models answer
+    // {indices, values}, which this panel does not draw: they are left out of it.
+    const embedders = models.cards.filter(
+      (card) => card.task !== "rerank" && card.task !== "sparse",
+    );
     for (const card of embedders) {
       const dims = card.dimensions ? `, ${card.dimensions} d` : "";
       select.append(el("option", { value: card.id, text: `${card.id} (${card.modality}${dims})` }));
