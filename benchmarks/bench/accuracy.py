@@ -68,4 +68,5 @@ def _fetch(base: str, model: str, corpus: list[str]) -> np.ndarray:
             for item in response.json()["data"]:
                 parts.append(np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4"))
     vectors = np.stack(parts).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    normalised: np.ndarray = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return normalised
