@@ -84,7 +84,9 @@ def _config(family: Family, size: Size) -> tuple[PretrainedConfig, type[PreTrain
         shape = {**_TINY, "intermediate_size": 64} if tiny else {}
         return BertConfig(vocab_size=_VOCAB, **shape, **ids), BertModel
     if family == "mpnet":
-        shape = {**_TINY, "intermediate_size": 64} if tiny else {}
+        # all-mpnet-base-v2's 514 positions: MPNet numbers them from pad_token_id + 1, so 512
+        # (transformers' default) overflows on a 512-token text.
+        shape = {**_TINY, "intermediate_size": 64} if tiny else {"max_position_embeddings": 514}
         return MPNetConfig(vocab_size=_VOCAB if tiny else 30527, **shape, **ids), MPNetModel
     if family == "distilbert":
         shape = {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64} if tiny else {}
