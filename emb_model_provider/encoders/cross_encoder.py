@@ -50,10 +50,8 @@ from emb_model_provider.encoders.runtime import (
     weight_bytes,
 )
 from emb_model_provider.encoders.sources import SourceError, resolve_source
-from emb_model_provider.encoders.st_modules import _ACTIVATIONS as ACTIVATIONS
-from emb_model_provider.encoders.text import _lowercase as lowercase
-from emb_model_provider.encoders.text import _refuse_custom_code as refuse_custom_code
-from emb_model_provider.encoders.text import length_groups
+from emb_model_provider.encoders.st_modules import ACTIVATIONS
+from emb_model_provider.encoders.text import length_groups, lowercase, refuse_custom_code
 
 logger = logging.getLogger(__name__)
 

@@ -39,8 +39,7 @@ from emb_model_provider.encoders.runtime import (
     weight_bytes,
 )
 from emb_model_provider.encoders.sources import SourceError, resolve_source
-from emb_model_provider.encoders.text import _refuse_custom_code as refuse_custom_code
-from emb_model_provider.encoders.text import length_groups
+from emb_model_provider.encoders.text import length_groups, refuse_custom_code
 
 logger = logging.getLogger(__name__)
 

@@ -45,10 +45,13 @@ from emb_model_provider.encoders.runtime import (
     weight_bytes,
 )
 from emb_model_provider.encoders.sources import SourceError, resolve_source
-from emb_model_provider.encoders.text import DEFAULT_PROMPTS, length_groups
-from emb_model_provider.encoders.text import _lowercase as lowercase
-from emb_model_provider.encoders.text import _refuse_custom_code as refuse_custom_code
-from emb_model_provider.encoders.text import _text as text_of
+from emb_model_provider.encoders.text import (
+    DEFAULT_PROMPTS,
+    length_groups,
+    lowercase,
+    refuse_custom_code,
+    text_of,
+)
 
 logger = logging.getLogger(__name__)
 

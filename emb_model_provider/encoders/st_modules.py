@@ -50,7 +50,7 @@ _LEGACY_FLAGS: dict[str, Pooling] = {
 
 #: Dense activations sentence-transformers saves as ``torch.nn`` class paths, by class name.
 #: Only these are built; any other path fails the load instead of being imported.
-_ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
+ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "Tanh": torch.nn.Tanh,
     "Identity": torch.nn.Identity,
     "ReLU": torch.nn.ReLU,
@@ -331,10 +331,10 @@ def pooling_config(config: dict[str, Any]) -> PoolingConfig:
 def _dense_config(path: Path) -> DenseConfig:
     config = _read_json(path / "config.json")
     activation = str(config.get("activation_function", "torch.nn.modules.activation.Tanh"))
-    if not activation.startswith("torch.nn.") or activation.rsplit(".", 1)[-1] not in _ACTIVATIONS:
+    if not activation.startswith("torch.nn.") or activation.rsplit(".", 1)[-1] not in ACTIVATIONS:
         raise SourceError(
             f"Dense activation {activation} in {path} is not supported "
-            f"(torch.nn {', '.join(_ACTIVATIONS)})"
+            f"(torch.nn {', '.join(ACTIVATIONS)})"
         )
     config_file = path / "config.json"
     feature = _feature(
@@ -422,7 +422,7 @@ class _DenseLayer:
         return cls(
             weight.to(device, torch.float32),
             None if bias is None else bias.to(device, torch.float32),
-            _ACTIVATIONS[config.activation](),
+            ACTIVATIONS[config.activation](),
             residual,
             config.residual,
         )

@@ -151,7 +151,7 @@ class TextEncoder:
         self._special_ids = special_ids
         base = Tokenizer.from_str(tokenizer.to_str())
         if do_lower_case:
-            _lowercase(base)
+            lowercase(base)
         # Two read-only Rust tokenizers: encode_batch takes &self, so many request threads can
         # share them, while changing truncation per call on one tokenizer would race.
         self._truncating = Tokenizer.from_str(base.to_str())
@@ -202,7 +202,7 @@ class TextEncoder:
     def prepare(
         self, inputs: Sequence[EncoderInput], *, truncate: bool, prompt: str | None = None
     ) -> list[PreparedInput]:
-        texts = [_text(index, value) for index, value in enumerate(inputs)]
+        texts = [text_of(index, value) for index, value in enumerate(inputs)]
         skip = 0
         if prompt:
             texts = [prompt + text for text in texts]
@@ -332,7 +332,7 @@ def _token_ids(payload: object) -> TokenIds:
     return payload
 
 
-def _lowercase(tokenizer: Tokenizer) -> None:
+def lowercase(tokenizer: Tokenizer) -> None:
     """``do_lower_case`` as sentence-transformers applies it: a Lowercase normaliser in front of
     the tokenizer's own, unless it lowercases already."""
     current = tokenizer.normalizer
@@ -349,7 +349,7 @@ def _lowercase(tokenizer: Tokenizer) -> None:
         tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), current])
 
 
-def _text(index: int, value: EncoderInput) -> str:
+def text_of(index: int, value: EncoderInput) -> str:
     if not isinstance(value, str):
         raise BadInput(index, "not text")
     return value
@@ -373,7 +373,7 @@ def load_text_encoder(
     config = read_sentence_config(model_dir)
     trust = options.trust_remote_code
     if not trust:
-        _refuse_custom_code(config.transformer_dir)
+        refuse_custom_code(config.transformer_dir)
     device, dtype = torch_runtime(options)
     if options.precision == "fast" and device.type == "cpu":
         # float32 is the gate's reference; the fast path's own dtype is ``fast_dtype``.
@@ -513,7 +513,7 @@ def _pooling(
     return PoolingConfig((mode,), include_prompt)
 
 
-def _refuse_custom_code(transformer_dir: Path) -> None:
+def refuse_custom_code(transformer_dir: Path) -> None:
     """Raise when the model's config or tokenizer names code of its own (``auto_map``): it
     would run in the server, so it loads only when trust_remote_code allows it."""
     for name in ("config.json", "tokenizer_config.json"):
