@@ -111,7 +111,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "log_level": settings.log_level,
         # Ours (api/middleware.py) carries the request id, model and tokens.
         "access_log": not settings.access_log,
-        "timeout_graceful_shutdown": 30,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
         # uvicorn's 5 s equals httpx's pool expiry: a client reusing a connection idle for
         # just under 5 s could send on one the server was closing (httpx.ReadError).
         "timeout_keep_alive": settings.keep_alive_s,

@@ -569,6 +569,27 @@ def _systemd_environment() -> set[str]:
     return names
 
 
+def _shutdown_grace() -> int:
+    """Seconds uvicorn gives in-flight requests after SIGTERM, as ``serve`` runs it."""
+    from emb_model_provider.cli import uvicorn_options
+
+    grace: int = uvicorn_options(Settings())["timeout_graceful_shutdown"]
+    assert grace == Settings.model_fields["shutdown_timeout_s"].default
+    assert uvicorn_options(Settings(shutdown_timeout_s=7))["timeout_graceful_shutdown"] == 7
+    return grace
+
+
+def test_every_orchestrator_waits_longer_than_the_graceful_shutdown() -> None:
+    """Kubernetes, compose and systemd must not kill the server while it finishes the requests
+    in flight: each one's grace period outlasts the server's default shutdown timeout."""
+    grace = _shutdown_grace()
+    for deployment in _objects("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] > grace, deployment["metadata"]["name"]
+    period = _compose()["x-server"]["stop_grace_period"]
+    assert period.endswith("s") and int(period.removesuffix("s")) > grace
+
+
 def test_systemd_unit_runs_the_console_script_and_outlasts_graceful_shutdown() -> None:
     text = SYSTEMD_UNIT.read_text(encoding="utf-8")
     sections = set(re.findall(r"^\[(\w+)\]$", text, flags=re.M))
@@ -576,11 +597,8 @@ def test_systemd_unit_runs_the_console_script_and_outlasts_graceful_shutdown() -
     values = dict(re.findall(r"^(\w+)=(.*)$", text, flags=re.M))
     assert values["ExecStart"].endswith("/bin/emb-model-provider serve")
     assert values["EnvironmentFile"].startswith("-")
-    # uvicorn gives in-flight requests 30 s after SIGTERM (cli.uvicorn_options).
-    from emb_model_provider.cli import uvicorn_options
-
-    grace = uvicorn_options(test_settings())["timeout_graceful_shutdown"]
-    assert int(values["TimeoutStopSec"]) > grace
+    # uvicorn gives in-flight requests EMB_PROVIDER_SHUTDOWN_TIMEOUT_S after SIGTERM.
+    assert int(values["TimeoutStopSec"]) > _shutdown_grace()
     # A bad setting exits 2 (cli._fail): restarting would loop on it.
     assert values["RestartPreventExitStatus"] == "2"
 

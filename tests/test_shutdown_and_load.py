@@ -25,7 +25,9 @@ DEADLINE_S = 120
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits_cleanly(tmp_path: Path) -> None:
     texts = [f"request {i}: " + "a sentence of some length to embed " * 12 for i in range(48)]
-    with serve_process(tmp_path) as served:
+    # The shutdown timeout outlasts the test's own deadline: on a loaded machine the 12 requests
+    # may take longer than the default 30 s, and the test is about finishing them, not timing.
+    with serve_process(tmp_path, shutdown_timeout_s=str(DEADLINE_S)) as served:
         url = served.url
 
         def send(i: int) -> httpx.Response:

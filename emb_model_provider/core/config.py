@@ -241,6 +241,15 @@ class Settings(BaseSettings):
             "on a connection the server is closing."
         ),
     )
+    shutdown_timeout_s: int = Field(
+        30,
+        ge=1,
+        description=(
+            "Seconds the server keeps answering the requests in flight after SIGTERM/SIGINT "
+            "before it cancels the rest and exits. Keep it below the orchestrator's grace period "
+            "(Kubernetes terminationGracePeriodSeconds, docker stop's timeout)."
+        ),
+    )
 
     # -- access control (api/auth.py); every one is off by default --
     api_key_hashes: str = Field(
