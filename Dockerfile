@@ -10,6 +10,9 @@
 # TORCH_VARIANT=cuda  everything exactly as uv.lock pins it (torch with its CUDA 13 libraries).
 #                     Needs only the NVIDIA driver and container toolkit on the host, no CUDA
 #                     base image: the CUDA user-space libraries come with the wheels.
+# EXTRAS=auto        the package's optional extras to install: `fast` (OpenVINO, what
+#                     `precision: fast` runs on a CPU; about 180 MB) on the CPU variant, none on
+#                     the CUDA one. `none`, or a space-separated list, overrides it.
 #
 # No `# syntax=` line on purpose: the builder's own Dockerfile frontend (BuildKit, Docker >= 23
 # or DOCKER_BUILDKIT=1 on 20.10) handles RUN --mount, and nothing has to be pulled for it.
@@ -26,6 +29,7 @@ FROM ${UV_IMAGE} AS uv
 FROM ${BASE_IMAGE} AS builder
 ARG TORCH_VARIANT=cpu
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG EXTRAS=auto
 
 COPY --from=uv /uv /usr/local/bin/uv
 ENV UV_PYTHON_DOWNLOADS=never \
@@ -50,7 +54,13 @@ RUN --mount=type=cache,target=/root/.cache/uv \
       cuda) skip="" ;; \
       *) echo "TORCH_VARIANT must be cpu or cuda, not $TORCH_VARIANT" >&2; exit 2 ;; \
     esac; \
+    case "$EXTRAS" in \
+      auto) if [ "$TORCH_VARIANT" = cpu ]; then extras=fast; else extras=""; fi ;; \
+      none) extras="" ;; \
+      *) extras="$EXTRAS" ;; \
+    esac; \
     set --; for name in $skip; do set -- "$@" --no-emit-package "$name"; done; \
+    for extra in $extras; do set -- "$@" --extra "$extra"; done; \
     uv venv --python python3.11 /opt/venv; \
     uv export --frozen --no-dev --no-emit-project --format requirements.txt "$@" \
       -o /tmp/requirements.txt; \

@@ -397,6 +397,58 @@ def test_dockerfile_is_a_multi_stage_build_from_the_lock() -> None:
     assert copies == ["--from=builder /opt/venv /opt/venv"]
     assert dockerfile.final.env["PATH"].startswith("/opt/venv/bin:")
     assert "TORCH_VARIANT=cpu" in builder.instructions_named("ARG")
+    # The CPU image takes the `fast` extra (OpenVINO, `precision: fast`); EXTRAS overrides.
+    assert "EXTRAS=auto" in builder.instructions_named("ARG")
+    assert 'auto) if [ "$TORCH_VARIANT" = cpu ]; then extras=fast;' in installs
+    assert 'for extra in $extras; do set -- "$@" --extra "$extra"; done' in installs
+
+
+def test_the_fast_extra_adds_openvino_to_the_images_export() -> None:
+    plain, with_fast = _exported(), _exported(extras=("fast",))
+    assert with_fast - plain == {"openvino", "openvino-telemetry"}
+
+
+@pytest.mark.parametrize(
+    ("variant", "extras", "expected"),
+    [
+        ("cpu", "auto", ["fast"]),
+        ("cuda", "auto", []),
+        ("cpu", "none", []),
+        ("cuda", "fast", ["fast"]),
+    ],
+)
+def test_the_dependency_step_exports_what_the_build_arguments_ask(
+    tmp_path: Path, variant: str, extras: str, expected: list[str]
+) -> None:
+    """The builder's dependency RUN, executed by sh with `uv` replaced by a recorder (and the
+    real lock_packages.py): which extras and which packages the export is asked for."""
+    (step,) = [
+        run
+        for run in _dockerfile().stage("builder").instructions_named("RUN")
+        if "uv export" in run
+    ]
+    script = re.sub(r"^(--mount=\S+\s+)+", "", step)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "uv.calls"
+    (bin_dir / "uv").write_text(f'#!/bin/sh\necho "$*" >> {record}\n', encoding="utf-8")
+    (bin_dir / "python3.11").write_text(
+        f'#!/bin/sh\nexec {sys.executable} "$@"\n', encoding="utf-8"
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "TORCH_VARIANT": variant,
+        "TORCH_INDEX": "https://download.pytorch.org/whl/cpu",
+        "EXTRAS": extras,
+    }
+    subprocess.run(["sh", "-c", script], cwd=ROOT, env=env, check=True, timeout=60)
+    calls = record.read_text(encoding="utf-8").splitlines()
+    (export,) = [call.split() for call in calls if call.startswith("export ")]
+    assert [export[i + 1] for i, word in enumerate(export) if word == "--extra"] == expected
+    skipped = {export[i + 1] for i, word in enumerate(export) if word == "--no-emit-package"}
+    assert ("torch" in skipped) == (variant == "cpu")
 
 
 def test_dockerfile_serves_as_a_non_root_user_on_all_interfaces() -> None:
@@ -477,13 +529,15 @@ def _lock_packages() -> ModuleType:
     return module
 
 
-def _exported(*skip: str) -> set[str]:
+def _exported(*skip: str, extras: tuple[str, ...] = ()) -> set[str]:
     uv = shutil.which("uv")
     if uv is None:
         pytest.skip("uv is not on PATH")
     command = [uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--no-hashes"]
     for name in skip:
         command += ["--no-emit-package", name]
+    for extra in extras:
+        command += ["--extra", extra]
     result = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
     )

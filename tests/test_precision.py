@@ -7,7 +7,10 @@ within the gate, and ``fast`` never runs float32 where a faster path passed."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,6 +116,41 @@ def test_the_dev_environment_has_a_fast_path() -> None:
     assert fast.openvino_available()
     found, why = fast.candidates("cpu", backend=None, dtype=None)
     assert found, why
+
+
+def test_the_openvino_path_sends_no_telemetry(good: Path, tmp_path: Path) -> None:
+    """openvino-telemetry (a dependency of the openvino wheel) reports ``import openvino`` and
+    every conversion to Google Analytics unless the home folder holds an opt-out file or
+    ``CI=true``, and writes a client id into the home folder first. A fresh interpreter outside
+    CI, with an empty home, loads a model on the OpenVINO path (conversion included): the
+    conversion tools run their no-op stub and nothing is written to the home folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    script = f"""
+import sys
+from emb_model_provider.encoders.base import LoadOptions
+from emb_model_provider.encoders.text import load_text_encoder
+options = LoadOptions(device="cpu", dtype="float32", precision="fast",
+                      export_dir={str(tmp_path / "export")!r})
+encoder = load_text_encoder({str(good)!r}, revision=None, max_input_tokens=None, pooling=None,
+                            options=options)
+assert encoder.precision.path.startswith("openvino"), encoder.precision
+import openvino.tools.ovc.convert_impl as convert_impl
+print(convert_impl.tm.__name__, sys.modules.get("openvino_telemetry"))
+"""
+    env = {key: value for key, value in os.environ.items() if key != "CI"}
+    env["HOME"] = str(home)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "None"]
+    assert list(home.iterdir()) == []
 
 
 def test_fast_never_silently_runs_float32(good: Path, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -77,9 +78,26 @@ def calibration_texts() -> list[str]:
     return [str(text) for text in texts]
 
 
+def openvino() -> Any:
+    """The ``openvino`` module, imported without its usage telemetry.
+
+    The openvino wheel depends on openvino-telemetry, and ``import openvino`` sends a Google
+    Analytics event (``convert_model`` sends more) unless the user's home holds an opt-out file
+    or ``CI=true``: opt-out, not opt-in. A server must not report to a third party, so the
+    telemetry package is made unimportable before the first import; OpenVINO's conversion tools
+    then use their own no-op stub (``openvino/tools/ovc/telemetry_stub.py``), as they do when
+    the package is not installed. Only if something else imported openvino first is it left be.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    import openvino as module
+
+    return module
+
+
 def openvino_available() -> bool:
     try:
-        import openvino  # noqa: F401
+        openvino()
     except ImportError:
         return False
     return True
@@ -103,9 +121,7 @@ def _bf16_features() -> tuple[str, ...]:
 @functools.cache
 def _openvino_bf16() -> bool:
     """Whether OpenVINO's CPU plugin computes in bfloat16 here (it says so itself)."""
-    import openvino
-
-    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    capabilities = openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return "BF16" in capabilities
 
 
@@ -254,9 +270,8 @@ def openvino_forward(
 ) -> tuple[PaddedForward, str]:
     """An OpenVINO forward of ``model``: read from the cache, from a graph the directory ships,
     or converted from the torch model (and cached). Returns it and what it was read from."""
-    import openvino
-
-    core = openvino.Core()
+    ov = openvino()
+    core = ov.Core()
     shipped = next(
         (model_dir / name for name in _SHIPPED_GRAPHS if (model_dir / name).is_file()), None
     )
@@ -270,7 +285,7 @@ def openvino_forward(
         graph = _convert(model)
         with tempfile.TemporaryDirectory(dir=_mkdir(folder)) as staging:
             # Written whole, then moved: a crash mid-write leaves no half model to read.
-            openvino.save_model(graph, str(Path(staging) / _IR), compress_to_fp16=False)
+            ov.save_model(graph, str(Path(staging) / _IR), compress_to_fp16=False)
             for name in (_IR, _IR.replace(".xml", ".bin")):
                 os.replace(Path(staging) / name, folder / name)
         source = "export"
@@ -308,14 +323,12 @@ def _mkdir(folder: Path) -> Path:
 
 
 def _convert(model: torch.nn.Module) -> Any:
-    import openvino
-
     example = {
         "input_ids": torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]]),
         "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
     }
     with torch.inference_mode(), _quiet_tracing():
-        return openvino.convert_model(_Wrapped(model).eval(), example_input=example)
+        return openvino().convert_model(_Wrapped(model).eval(), example_input=example)
 
 
 @contextlib.contextmanager
