@@ -35,13 +35,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForMaskedLM, PreTrainedModel
 
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
+    load_pretrained,
     oom_releases_cache,
     release,
-    torch_runtime,
     weight_bytes,
 )
 from emb_model_provider.encoders.sources import SourceError, resolve_source
@@ -49,7 +49,6 @@ from emb_model_provider.encoders.text import (
     DEFAULT_PROMPTS,
     length_groups,
     lowercase,
-    refuse_custom_code,
     text_of,
 )
 
@@ -249,9 +248,6 @@ def load_sparse_encoder(
         source, revision=revision, token=options.hf_token, cache_dir=options.cache_dir
     )
     transformer_dir, pooling_dir = _modules(model_dir)
-    trust = options.trust_remote_code
-    if not trust:
-        refuse_custom_code(transformer_dir)
     pooling = _read_json(pooling_dir / "config.json")
     strategy = pooling.get("pooling_strategy", "max")
     activation = pooling.get("activation_function", "relu")
@@ -262,19 +258,10 @@ def load_sparse_encoder(
         )
     st_config = _read_json(transformer_dir / "sentence_bert_config.json")
     settings = _read_json(model_dir / "config_sentence_transformers.json")
-    device, dtype = torch_runtime(options)
-    try:
-        config = AutoConfig.from_pretrained(str(transformer_dir), trust_remote_code=trust)
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir), trust_remote_code=trust)
-        model = AutoModelForMaskedLM.from_pretrained(
-            str(transformer_dir), config=config, dtype=dtype, trust_remote_code=trust
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        message = " ".join(f"cannot load a sparse encoder from {model_dir}: {exc}".split())
-        raise SourceError(message) from exc
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-    if not isinstance(backend, Tokenizer):
-        raise SourceError(f"{model_dir} has no fast (tokenizers) tokenizer")
+    loaded = load_pretrained(
+        transformer_dir, AutoModelForMaskedLM, options=options, what="a sparse encoder"
+    )
+    config, hf_tokenizer = loaded.config, loaded.hf_tokenizer
     positions = int(getattr(config, "max_position_embeddings", 512))
     saved = st_config.get("max_seq_length")
     limit = (
@@ -294,12 +281,12 @@ def load_sparse_encoder(
     max_active = settings.get("max_active_dims")
     pad_id = hf_tokenizer.pad_token_id
     encoder = SparseModel(
-        model.to(device).eval(),
-        backend,
+        loaded.model.to(loaded.device).eval(),
+        loaded.tokenizer,
         max_input_tokens=int(limit),
         pad_token_id=int(pad_id) if pad_id is not None else 0,
-        device=device,
-        dtype=dtype,
+        device=loaded.device,
+        dtype=loaded.dtype,
         strategy=strategy,
         activation=activation,
         do_lower_case=bool(st_config.get("do_lower_case", False)),
