@@ -8,6 +8,8 @@ TEI's /embed_sparse, the result cache, /v1/models)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ from sentence_transformers.base.modules import Router
 from sentence_transformers.sparse_encoder.modules import SparseStaticEmbedding
 
 from benchmarks.sparse_models import build_splade
+from emb_model_provider.core.errors import ContextLengthExceeded
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions
 from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.encoders.sparse import SparseModel, load_sparse_encoder
@@ -215,6 +218,26 @@ def test_a_batch_of_both_routes_is_each_routes(with_prompts: Path) -> None:
     assert_allclose(rows[1::2], encoder.encode(documents), rtol=0, atol=1e-6)
 
 
+def test_each_route_truncates_at_its_own_limit(inference_free: Path, tmp_path: Path) -> None:
+    """A static route whose tokenizer says 12 tokens truncates there, as the library does, while
+    the document route keeps 24; with truncation off, a query over 12 tokens is refused."""
+    copy = Path(shutil.copytree(inference_free, tmp_path / "short-query"))
+    config_file = copy / "query_0_SparseStaticEmbedding" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["model_max_length"] = 12
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    reference = SparseEncoder(str(copy), device="cpu")
+    encoder = _load(copy)
+    assert encoder.max_input_tokens == MAX_LENGTH
+    for prompt_name in ("query", "document"):
+        _same(_ours(encoder, TEXTS, prompt_name), _dense(_library(reference, prompt_name)(TEXTS)))
+    long_text: list[EncoderInput] = [TEXTS[1]]
+    assert encoder.prepare(long_text, truncate=True, route="query")[0].n_tokens == 12
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 12 tokens"):
+        encoder.prepare(long_text, truncate=False, route="query")
+    assert encoder.prepare(long_text, truncate=False, route="document")[0].n_tokens > MAX_LENGTH
+
+
 def test_without_a_default_route_a_task_is_needed(no_default: Path) -> None:
     reference = SparseEncoder(str(no_default), device="cpu")
     with pytest.raises(ValueError, match="route"):
@@ -228,9 +251,6 @@ def test_without_a_default_route_a_task_is_needed(no_default: Path) -> None:
 
 
 def test_unsupported_routes_are_refused(inference_free: Path, tmp_path: Path) -> None:
-    import json
-    import shutil
-
     copy = Path(shutil.copytree(inference_free, tmp_path / "copy"))
     config_file = copy / "router_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
