@@ -131,12 +131,12 @@ def test_prompts_and_max_active_dims_as_the_library(
         assert not np.allclose(ours, _ours(encoder, TEXTS, None))
 
 
-def test_an_inference_free_splade_is_refused_by_name(splade: Path, tmp_path: Path) -> None:
-    copy = Path(shutil.copytree(splade, tmp_path / "router"))
+def test_a_csr_model_is_refused_by_name(splade: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(splade, tmp_path / "csr"))
     modules = json.loads((copy / "modules.json").read_text(encoding="utf-8"))
-    modules[0]["type"] = "sentence_transformers.base.modules.router.Router"
+    modules[1]["type"] = "sentence_transformers.sparse_encoder.modules.SparseAutoEncoder"
     (copy / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
-    with pytest.raises(SourceError, match="inference-free SPLADE"):
+    with pytest.raises(SourceError, match="CSR model"):
         load_sparse_encoder(str(copy), revision=None, max_input_tokens=None, options=CPU)
 
 

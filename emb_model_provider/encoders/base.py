@@ -22,6 +22,7 @@ __all__ = [
     "PrecisionReport",
     "PreparedInput",
     "RerankEncoder",
+    "RoutedEncoder",
     "TextPair",
     "Vectors",
 ]
@@ -150,6 +151,30 @@ class PromptedEncoder(Protocol):
         self, inputs: Sequence[EncoderInput], *, truncate: bool, prompt: str | None = None
     ) -> list[PreparedInput]:
         """``Encoder.prepare`` with ``prompt`` prepended to every text."""
+        ...
+
+
+@runtime_checkable
+class RoutedEncoder(Protocol):
+    """An encoder with a module route per task (sentence-transformers' ``Router``: an
+    inference-free SPLADE's static ``query`` route and transformer ``document`` route). The
+    route follows the request's prompt name as ``encode_query`` / ``encode_document`` follow
+    their task; the prompt text is still prepended as for any prompted encoder."""
+
+    def route(self, prompt_name: str | None) -> str | None:
+        """The route a request naming ``prompt_name`` takes (None: the model has no routes);
+        ``ValueError`` when the model has none for it."""
+        ...
+
+    def prepare(
+        self,
+        inputs: Sequence[EncoderInput],
+        *,
+        truncate: bool,
+        prompt: str | None = None,
+        route: str | None = None,
+    ) -> list[PreparedInput]:
+        """``PromptedEncoder.prepare`` for ``route`` (None: the route of no task)."""
         ...
 
 

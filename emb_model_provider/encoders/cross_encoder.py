@@ -33,25 +33,20 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from tokenizers import Tokenizer
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-)
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
 from emb_model_provider.encoders import bert_unpadded
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
+    load_pretrained,
     oom_releases_cache,
     release,
-    torch_runtime,
     weight_bytes,
 )
 from emb_model_provider.encoders.sources import SourceError, resolve_source
 from emb_model_provider.encoders.st_modules import ACTIVATIONS
-from emb_model_provider.encoders.text import length_groups, lowercase, refuse_custom_code
+from emb_model_provider.encoders.text import length_groups, lowercase
 
 logger = logging.getLogger(__name__)
 
@@ -309,35 +304,23 @@ def load_cross_encoder(
     model_dir = resolve_source(
         source, revision=revision, token=options.hf_token, cache_dir=options.cache_dir
     )
-    trust = options.trust_remote_code
-    if not trust:
-        refuse_custom_code(model_dir)
     max_seq_length, do_lower_case = _transformer_settings(model_dir)
-    device, dtype = torch_runtime(options)
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust)
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), config=config, dtype=dtype, trust_remote_code=trust
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        message = " ".join(f"cannot load a cross-encoder from {model_dir}: {exc}".split())
-        raise SourceError(message) from exc
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-    if not isinstance(backend, Tokenizer):
-        raise SourceError(f"{model_dir} has no fast (tokenizers) tokenizer")
+    loaded = load_pretrained(
+        model_dir, AutoModelForSequenceClassification, options=options, what="a cross-encoder"
+    )
+    config, hf_tokenizer, device = loaded.config, loaded.hf_tokenizer, loaded.device
     positions = int(getattr(config, "max_position_embeddings", 512))
     limit = max_input_tokens or max_seq_length or min(int(hf_tokenizer.model_max_length), positions)
     if limit > positions:
         raise SourceError(f"max_input_tokens {limit} exceeds the model's {positions} positions")
     pad_id = hf_tokenizer.pad_token_id
     encoder = CrossEncoderModel(
-        model.to(device).eval(),
-        backend,
+        loaded.model.to(device).eval(),
+        loaded.tokenizer,
         max_input_tokens=int(limit),
         pad_token_id=int(pad_id) if pad_id is not None else 0,
         device=device,
-        dtype=dtype,
+        dtype=loaded.dtype,
         activation=_activation(model_dir, int(config.num_labels)),
         do_lower_case=do_lower_case,
         truncation_side="left" if hf_tokenizer.truncation_side == "left" else "right",

@@ -28,18 +28,18 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
+    load_pretrained,
     oom_releases_cache,
     release,
-    torch_runtime,
     weight_bytes,
 )
 from emb_model_provider.encoders.sources import SourceError, resolve_source
-from emb_model_provider.encoders.text import length_groups, refuse_custom_code
+from emb_model_provider.encoders.text import length_groups
 
 logger = logging.getLogger(__name__)
 
@@ -186,29 +186,18 @@ def load_decoder_reranker(
     model_dir = resolve_source(
         source, revision=revision, token=options.hf_token, cache_dir=options.cache_dir
     )
-    trust = options.trust_remote_code
-    if not trust:
-        refuse_custom_code(model_dir)
-    device, dtype = torch_runtime(options)
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust)
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust)
-        causal = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), config=config, dtype=dtype, trust_remote_code=trust
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        message = " ".join(f"cannot load a decoder reranker from {model_dir}: {exc}".split())
-        raise SourceError(message) from exc
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-    if not isinstance(backend, Tokenizer):
-        raise SourceError(f"{model_dir} has no fast (tokenizers) tokenizer")
+    loaded = load_pretrained(
+        model_dir, AutoModelForCausalLM, options=options, what="a decoder reranker"
+    )
+    config, hf_tokenizer, backend = loaded.config, loaded.hf_tokenizer, loaded.tokenizer
+    device, dtype = loaded.device, loaded.dtype
     yes, no = (backend.token_to_id(token) for token in ("yes", "no"))
     if yes is None or no is None:
         raise SourceError(f"{model_dir}: the tokenizer has no 'yes' and 'no' tokens to score")
-    loaded: Any = causal  # transformers' accessors are untyped
-    head: Any = loaded.get_output_embeddings()
+    causal: Any = loaded.model  # transformers' accessors are untyped
+    head: Any = causal.get_output_embeddings()
     yes_no = head.weight[[yes, no]].detach().clone().to(device)
-    base: Any = loaded.get_decoder().to(device).eval()
+    base: Any = causal.get_decoder().to(device).eval()
     architecture = type(causal).__name__
     del causal, loaded, head  # the full lm_head goes (unless tied to the input embeddings)
     positions = int(getattr(config, "max_position_embeddings", _DEFAULT_MAX_TOKENS))

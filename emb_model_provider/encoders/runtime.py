@@ -1,13 +1,20 @@
-"""What every torch encoder shares: the device, dtype and threads at load, weight size, release."""
+"""What every torch encoder shares: the device, dtype and threads at load, the load of a
+transformers checkpoint, weight size, release."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 from collections.abc import Callable, Iterator
-from typing import cast
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
 
 import torch
+from tokenizers import Tokenizer
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.utils import logging as hf_logging
 
 from emb_model_provider.core.kinds import PrepareThread
@@ -26,6 +33,71 @@ def torch_runtime(options: LoadOptions) -> tuple[torch.device, torch.dtype]:
     if device.type == "cpu" and options.dtype == "float16":  # as EMB_PROVIDER_DTYPE (core/device)
         raise SourceError("float16 is not supported on the CPU; use float32 or bfloat16")
     return device, _DTYPES[options.dtype]
+
+
+def refuse_custom_code(transformer_dir: Path) -> None:
+    """Raise when the model's config or tokenizer names code of its own (``auto_map``): it
+    would run in the server, so it loads only when trust_remote_code allows it."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = transformer_dir / name
+        if not path.is_file():
+            continue
+        try:
+            auto_map: Any = json.loads(path.read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            raise SourceError(
+                f"{transformer_dir} needs custom code (auto_map in {name}: "
+                f"{json.dumps(auto_map, sort_keys=True)}), which runs only when allowed: set "
+                "`trust_remote_code: true` on its models-file entry or "
+                "EMB_PROVIDER_TRUST_REMOTE_CODE=true (the code runs in the server with its rights)"
+            )
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A transformers checkpoint as ``load_pretrained`` loads it, on the CPU still (the caller
+    moves what it keeps: a decoder reranker keeps two rows of its head). ``config``,
+    ``hf_tokenizer`` and ``model`` are what transformers' untyped ``from_pretrained`` returns."""
+
+    config: Any
+    #: The transformers tokenizer (its ``pad_token_id``, ``model_max_length``, ...).
+    hf_tokenizer: Any
+    #: Its fast (``tokenizers``) backend, which the encoders run.
+    tokenizer: Tokenizer
+    model: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_pretrained(
+    weights_dir: Path,
+    auto_class: type[_BaseAutoModelClass],
+    *,
+    options: LoadOptions,
+    what: str,
+) -> Pretrained:
+    """Config, tokenizer and ``auto_class`` weights from ``weights_dir``, in ``options``' dtype:
+    custom code refused unless allowed, any load failure one ``SourceError`` naming ``what``
+    (``"a cross-encoder"``), and a fast tokenizer required (the encoders tokenise with it)."""
+    trust = options.trust_remote_code
+    if not trust:
+        refuse_custom_code(weights_dir)
+    device, dtype = torch_runtime(options)
+    try:
+        config = AutoConfig.from_pretrained(str(weights_dir), trust_remote_code=trust)
+        hf_tokenizer = AutoTokenizer.from_pretrained(str(weights_dir), trust_remote_code=trust)
+        model = auto_class.from_pretrained(
+            str(weights_dir), config=config, dtype=dtype, trust_remote_code=trust
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        message = " ".join(f"cannot load {what} from {weights_dir}: {exc}".split())
+        raise SourceError(message) from exc
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise SourceError(f"{weights_dir} has no fast (tokenizers) tokenizer")
+    return Pretrained(config, hf_tokenizer, backend, model, device, dtype)
 
 
 def image_prepare_thread(device: torch.device) -> PrepareThread:

@@ -27,7 +27,6 @@ normalisation (per registry entry, on by default) after ``dimensions``.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -54,6 +53,7 @@ from emb_model_provider.encoders.base import (
 )
 from emb_model_provider.encoders.runtime import (
     oom_releases_cache,
+    refuse_custom_code,
     release,
     torch_runtime,
     weight_bytes,
@@ -511,26 +511,6 @@ def _pooling(
         f" (a {architectures[0]})" if causal else "",
     )
     return PoolingConfig((mode,), include_prompt)
-
-
-def refuse_custom_code(transformer_dir: Path) -> None:
-    """Raise when the model's config or tokenizer names code of its own (``auto_map``): it
-    would run in the server, so it loads only when trust_remote_code allows it."""
-    for name in ("config.json", "tokenizer_config.json"):
-        path = transformer_dir / name
-        if not path.is_file():
-            continue
-        try:
-            auto_map: Any = json.loads(path.read_text(encoding="utf-8")).get("auto_map")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if auto_map:
-            raise SourceError(
-                f"{transformer_dir} needs custom code (auto_map in {name}: "
-                f"{json.dumps(auto_map, sort_keys=True)}), which runs only when allowed: set "
-                "`trust_remote_code: true` on its models-file entry or "
-                "EMB_PROVIDER_TRUST_REMOTE_CODE=true (the code runs in the server with its rights)"
-            )
 
 
 def _one_line(message: str) -> str:

@@ -422,6 +422,7 @@ class ResultCache:
         truncate: bool,
         placement: str,
         prompt: str | None = None,
+        route: str | None = None,
     ) -> CacheScope:
         context = {
             "model": spec.name,
@@ -436,6 +437,8 @@ class ResultCache:
             # CPU); the device index does not matter.
             "dtype": re.sub(r":\d+", "", placement),
         }
+        if route is not None:  # a Router's routes run different modules on the same text
+            context["route"] = route
         digest = hashlib.sha256(_KEY_VERSION)
         digest.update(json.dumps(context, sort_keys=True).encode())
         return CacheScope(digest.digest(), dimensions)

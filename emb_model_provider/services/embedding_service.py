@@ -30,6 +30,7 @@ from emb_model_provider.encoders.base import (
     ImagePreparing,
     PreparedInput,
     PromptedEncoder,
+    RoutedEncoder,
     Vectors,
 )
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, Inputs, render_embeddings
@@ -324,12 +325,13 @@ class EmbeddingService:
             ):
                 prompt_name = None
             prompt = _prompt(spec, encoder, prompt_name)
+            route = _route(spec, encoder, prompt_name)
             if self.cache.enabled and model.fingerprint is not None:
                 rows, prompt_tokens = await self._embed_cached(
-                    model, data, background, prompt, truncate
+                    model, data, background, prompt, truncate, route=route
                 )
             else:
-                prepared = await self._prepare(model.encoder, data, prompt, truncate)
+                prepared = await self._prepare(model.encoder, data, prompt, truncate, route=route)
                 prompt_tokens = self._check_tokens(prepared, model)
                 rows = _stack(await model.batcher.embed(prepared, background=background))
         return Computed(rows, prompt_tokens, model.encoder, model.dimensions)
@@ -341,6 +343,8 @@ class EmbeddingService:
         background: bool,
         prompt: str | None,
         truncate: bool,
+        *,
+        route: str | None = None,
     ) -> tuple[Vectors, int]:
         """Raw vectors and tokens through the result cache: only the inputs it does not hold
         (and nobody is computing) go to the model; usage counts every input."""
@@ -355,12 +359,13 @@ class EmbeddingService:
             truncate=truncate,
             placement=encoder.placement,
             prompt=prompt,
+            route=route,
         )
 
         async def compute(indices: list[int], tokens_known: int) -> list[CachedVector]:
             subset = [data[index] for index in indices]
             try:
-                prepared = await self._prepare(encoder, subset, prompt, truncate)
+                prepared = await self._prepare(encoder, subset, prompt, truncate, route=route)
             except BadInput as exc:  # name the input by its place in the request
                 raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
             self._check_tokens(prepared, model, tokens_known=tokens_known)
@@ -381,6 +386,8 @@ class EmbeddingService:
         data: Sequence[EncoderInput],
         prompt: str | None,
         truncate: bool,
+        *,
+        route: str | None = None,
     ) -> list[PreparedInput]:
         """Tokenise (a thread of the pool: tokenizers is Rust, no torch) or decode and preprocess
         images (where the encoder says: the model thread on CPU, as the image processors run
@@ -394,6 +401,10 @@ class EmbeddingService:
         with tracing.leaf(name, {"emb.inputs": len(data)}) as current:
             if encoder.modality == "multimodal":
                 prepared = await self._prepare_mixed(encoder, data, truncate)
+            elif route is not None and isinstance(encoder, RoutedEncoder):
+                prepared = await asyncio.to_thread(
+                    encoder.prepare, data, truncate=truncate, prompt=prompt, route=route
+                )
             elif prompt is not None and isinstance(encoder, PromptedEncoder):
                 prepared = await asyncio.to_thread(
                     encoder.prepare, data, truncate=truncate, prompt=prompt
@@ -551,6 +562,18 @@ def _prompt(spec: ModelSpec, encoder: Encoder, requested: str | None) -> str | N
             f"The model `{spec.name}` has no prompt `{name}`; its prompts are: {known}.",
             param="prompt_name",
         ) from None
+
+
+def _route(spec: ModelSpec, encoder: Encoder, requested: str | None) -> str | None:
+    """The route a routed model (an inference-free SPLADE's Router) takes for a request: by its
+    ``prompt_name``, else the name's pinned prompt, as ``_prompt`` reads them; None for other
+    models."""
+    if not isinstance(encoder, RoutedEncoder):
+        return None
+    try:
+        return encoder.route(requested if requested is not None else spec.prompt_name)
+    except ValueError as exc:
+        raise InvalidRequest(f"The model `{spec.name}`: {exc}.", param="prompt_name") from None
 
 
 def _wrong_modality(
