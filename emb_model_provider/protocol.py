@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from emb_model_provider.core.kinds import EncodingFormat, Modality, Task
+from emb_model_provider.core.kinds import EncodingFormat, Modality, Task, TruncationSide
 from emb_model_provider.core.quantization import IntVectors
 from emb_model_provider.core.vectors import Vectors
 
@@ -244,6 +244,14 @@ def render_embeddings(
 
 # -- rerank: the bodies Cohere (v1, v2), Jina, vLLM and TEI clients send -------------------------
 
+#: TEI's ``truncation_direction`` as its router accepts it (serde aliases of both cases).
+TruncationDirection = Literal["left", "right", "Left", "Right"]
+
+
+def side_of(direction: TruncationDirection | None) -> TruncationSide | None:
+    """The truncation side TEI's ``truncation_direction`` names (None: the model's own)."""
+    return None if direction is None else ("left" if direction.lower() == "left" else "right")
+
 
 class RerankDocument(BaseModel):
     """A document as an object (Cohere v1, Jina): its ``text``; other fields are ignored."""
@@ -274,6 +282,8 @@ class RerankRequest(BaseModel):
     raw_scores: bool = False
     #: TEI: False refuses an over-long pair (400) instead of truncating it; None: the server's.
     truncate: bool | None = None
+    #: TEI: the end each member of an over-long pair is cut from (longest first).
+    truncation_direction: TruncationDirection | None = None
 
     @model_validator(mode="after")
     def _documents_or_texts(self) -> RerankRequest:
@@ -292,6 +302,9 @@ class RerankRequest(BaseModel):
         if self.texts is not None:
             return self.texts
         return [doc if isinstance(doc, str) else doc.text for doc in self.documents or []]
+
+    def truncation_side(self) -> TruncationSide | None:
+        return side_of(self.truncation_direction)
 
     def wants_documents(self) -> bool:
         return bool(self.return_text if self.tei else self.return_documents)

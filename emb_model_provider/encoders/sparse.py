@@ -37,6 +37,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
+from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
     oom_releases_cache,
@@ -52,6 +53,7 @@ from emb_model_provider.encoders.text import (
     refuse_custom_code,
     text_of,
 )
+from emb_model_provider.encoders.truncation import TruncationModes
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class SparseModel:
         strategy: SpladeStrategy,
         activation: SpladeActivation,
         do_lower_case: bool = False,
-        truncation_side: Literal["left", "right"] = "right",
+        truncation_side: TruncationSide = "right",
         prompts: Mapping[str, str] | None = None,
         default_prompt_name: str | None = None,
         max_active_dims: int | None = None,
@@ -110,13 +112,10 @@ class SparseModel:
         base = Tokenizer.from_str(tokenizer.to_str())
         if do_lower_case:
             lowercase(base)
-        # Two read-only tokenizers, as in the text encoder: truncation is not changed per call.
-        self._truncating = Tokenizer.from_str(base.to_str())
-        self._truncating.no_padding()
-        self._truncating.enable_truncation(max_input_tokens, direction=truncation_side)
-        self._full = Tokenizer.from_str(base.to_str())
-        self._full.no_padding()
-        self._full.no_truncation()
+        # Read-only tokenizers per truncation mode, as in the text encoder.
+        self._tokenizers = TruncationModes(base, max_input_tokens, side=truncation_side)
+        #: The side over-long inputs are cut from when a request names none.
+        self.truncation_side: TruncationSide = truncation_side
         self._forward_lock = threading.Lock()
         self._token_types = "token_type_ids" in inspect.signature(model.forward).parameters
         self.pad_share: float | None = _CPU_PAD_SHARE if device.type == "cpu" else None
@@ -127,12 +126,17 @@ class SparseModel:
         return None if name is None else self.prompts[name]
 
     def prepare(
-        self, inputs: Sequence[EncoderInput], *, truncate: bool, prompt: str | None = None
+        self,
+        inputs: Sequence[EncoderInput],
+        *,
+        truncate: bool,
+        prompt: str | None = None,
+        truncation_side: TruncationSide | None = None,
     ) -> list[PreparedInput]:
         texts = [text_of(index, value) for index, value in enumerate(inputs)]
         if prompt:
             texts = [prompt + text for text in texts]
-        tokenizer = self._truncating if truncate else self._full
+        tokenizer = self._tokenizers.get(truncate, truncation_side)
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
         # SpladePooling pools every token, the prompt's too: usage counts them all.
         return [
