@@ -21,6 +21,10 @@ from emb_model_provider.core.vectors import Vectors
 logger = logging.getLogger(__name__)
 
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+#: A text that may be empty. A length constraint makes pydantic check that the string is Unicode
+#: (``string_unicode``), as ``NonEmptyStr`` does: a lone surrogate (JSON's ``"\ud800"``, which
+#: Python's parser accepts) is refused with a 400 here, never met by a tokenizer or a hash.
+Text = Annotated[StrictStr, Field(min_length=0)]
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
@@ -257,7 +261,7 @@ class RerankDocument(BaseModel):
     """A document as an object (Cohere v1, Jina): its ``text``; other fields are ignored."""
 
     model_config = ConfigDict(extra="allow")
-    text: StrictStr
+    text: Text
 
 
 class RerankRequest(BaseModel):
@@ -270,9 +274,9 @@ class RerankRequest(BaseModel):
     #: None: the server's reranker (``EMB_PROVIDER_RERANK_MODEL``, else the first one).
     model: NonEmptyStr | None = None
     query: NonEmptyStr
-    documents: Annotated[list[StrictStr | RerankDocument], Field(min_length=1)] | None = None
+    documents: Annotated[list[Text | RerankDocument], Field(min_length=1)] | None = None
     #: TEI's name for the documents.
-    texts: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    texts: Annotated[list[Text], Field(min_length=1)] | None = None
     #: The best ``top_n`` results only; None: every document.
     top_n: Annotated[StrictInt, Field(ge=1)] | None = None
     #: Each result carries its document's text (Cohere, Jina, vLLM); TEI's name is return_text.

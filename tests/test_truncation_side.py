@@ -3,11 +3,12 @@ keep their end, as sentence-transformers does with ``tokenizer.truncation_side =
 prompt, at the start of the text, is cut first), for dense models through the ``cohere`` SDK and
 huggingface_hub's ``InferenceClient``, SPLADE models through /embed_sparse (``SparseEncoder``)
 and rerankers through TEI's /rerank body (``CrossEncoder``). Left and right results never share
-a cache entry.
+a cache entry. Texts that are not valid Unicode (lone surrogates) get a 400 on every text route.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,43 @@ def test_clip_text_tower_cuts_either_side(tmp_path: Path) -> None:
     finally:
         encoder.close()
 
+
+# -- lone surrogates ------------------------------------------------------------------------------
+
+#: JSON with a lone surrogate escape (what ``json.dumps("a\ud800b")`` writes): valid JSON, but not
+#: a text any tokenizer takes.
+SURROGATE = "a\ud800b"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/embeddings", {"model": "dense", "input": SURROGATE}),
+        ("/v1/embeddings", {"model": "dense", "input": ["fine", SURROGATE]}),
+        ("/v2/embed", {"model": "dense", "texts": [SURROGATE], "input_type": "search_query"}),
+        ("/embed", {"inputs": SURROGATE, "model": "dense"}),
+        ("/embed_sparse", {"inputs": [SURROGATE], "model": "splade"}),
+        ("/v1/rerank", {"model": "ce", "query": SURROGATE, "documents": ["x"]}),
+        ("/v1/rerank", {"model": "ce", "query": "x", "documents": ["y", SURROGATE]}),
+        ("/v1/rerank", {"model": "ce", "query": "x", "documents": [{"text": SURROGATE}]}),
+        ("/rerank", {"model": "ce", "query": "x", "texts": [SURROGATE]}),
+    ],
+)
+def test_lone_surrogates_are_a_400(http: httpx.Client, path: str, body: dict[str, Any]) -> None:
+    raw = json.dumps(body)
+    assert "\\ud800" in raw
+    response = http.post(path, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "surrogate" in response.text.lower()
+    # The server is still up and answers the next request.
+    assert http.post(path, json=json.loads(raw.replace("\\ud800", "x"))).status_code == 200
+
+
+def test_a_lone_surrogate_in_a_model_name_is_a_404(http: httpx.Client) -> None:
+    raw = json.dumps({"model": f"dense{SURROGATE}", "input": "x"})
+    response = http.post(
+        "/v1/embeddings", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "model_not_found"
+    assert http.post("/v1/embeddings", json={"model": "dense", "input": "x"}).status_code == 200
