@@ -9,9 +9,10 @@ theirs (``core/tracing.py``).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -405,15 +406,11 @@ class EmbeddingService:
         with tracing.leaf(name, {"emb.inputs": len(data)}) as current:
             if encoder.modality == "multimodal":
                 prepared = await self._prepare_mixed(encoder, data, truncate, side)
-            elif prompt is not None and isinstance(encoder, PromptedEncoder):
-                prepared = await asyncio.to_thread(
-                    encoder.prepare, data, truncate=truncate, prompt=prompt, truncation_side=side
-                )
             elif image:
                 prepared = await _prepare_images(encoder, data, truncate=truncate)
             else:
                 prepared = await asyncio.to_thread(
-                    encoder.prepare, data, truncate=truncate, truncation_side=side
+                    _text_prepare(encoder, truncate, side, prompt), data
                 )
             if current is not None:
                 current.set_attribute("emb.tokens", sum(item.n_tokens for item in prepared))
@@ -436,9 +433,7 @@ class EmbeddingService:
             try:
                 if images:
                     return await _prepare_images(encoder, subset, truncate=truncate)
-                return await asyncio.to_thread(
-                    encoder.prepare, subset, truncate=truncate, truncation_side=side
-                )
+                return await asyncio.to_thread(_text_prepare(encoder, truncate, side), subset)
             except BadInput as exc:  # name the input by its place in the request
                 raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
 
@@ -542,6 +537,20 @@ async def _prepare_images(
     if isinstance(encoder, ImagePreparing) and encoder.image_prepare_thread == "worker":
         return await model_thread.run_decode(encoder.prepare, data, truncate=truncate)
     return await model_thread.run(encoder.prepare, data, truncate=truncate)
+
+
+def _text_prepare(
+    encoder: Encoder, truncate: bool, side: TruncationSide | None, prompt: str | None = None
+) -> Callable[[Sequence[EncoderInput]], list[PreparedInput]]:
+    """``encoder.prepare`` of texts with a request's options: the prompt where the encoder takes
+    prompts, the side only where one applies (``_side``), so that an encoder without sides keeps
+    the plain ``prepare(inputs, *, truncate)``."""
+    options: dict[str, Any] = {"truncate": truncate}
+    if prompt is not None and isinstance(encoder, PromptedEncoder):
+        options["prompt"] = prompt
+    if side is not None:
+        options["truncation_side"] = side
+    return functools.partial(encoder.prepare, **options)
 
 
 def _side(
