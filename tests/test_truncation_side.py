@@ -2,8 +2,9 @@
 keep their end, as sentence-transformers does with ``tokenizer.truncation_side = "left"`` (a
 prompt, at the start of the text, is cut first), for dense models through the ``cohere`` SDK and
 huggingface_hub's ``InferenceClient``, SPLADE models through /embed_sparse (``SparseEncoder``)
-and rerankers through TEI's /rerank body (``CrossEncoder``). Left and right results never share
-a cache entry. Texts that are not valid Unicode (lone surrogates) get a 400 on every text route.
+and rerankers through TEI's /rerank body (``CrossEncoder``); a decoder reranker's template body
+and CLIP's text tower are cut as their reference tokenizer cuts them. Left and right results
+never share a cache entry. Texts that are not valid Unicode (lone surrogates) get a 400 on every text route.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from transformers import AutoProcessor
 from benchmarks.families import build
 from benchmarks.rerankers import build_cross_encoder
 from benchmarks.sparse_models import build_splade
-from emb_model_provider.encoders.base import LoadOptions
+from emb_model_provider.encoders.base import EncoderInput, LoadOptions
+from emb_model_provider.encoders.decoder_reranker import load_decoder_reranker
 from emb_model_provider.encoders.multimodal import TextPayload, load_multimodal_encoder
 from emb_model_provider.registry import ModelSpec
 from emb_model_provider.services.cache import ResultCache
 from tests.live import live_server, test_settings
 from tests.test_cache import cache_status
+from tests.test_rerank import _transformers_yes_probability, tiny_qwen3_reranker
 from tests.tiny_multimodal import tiny_clip
 from tests.tiny_text_models import text_models_file
 
+CPU = LoadOptions(device="cpu", dtype="float32")
 MAX_LENGTH = 24
 PROMPTS = {"query": "query: find me this please ", "document": "passage: "}
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while"]
@@ -251,6 +255,27 @@ def test_tei_rerank_left_is_cross_encoders(http: httpx.Client, dirs: dict[str, P
     right = http.post("/rerank", json={"model": "ce", "query": query, "texts": documents}).json()
     right_scores = {item["index"]: item["score"] for item in right}
     assert not np.allclose([right_scores[0]], [expected[0]], atol=1e-4)
+
+
+def test_decoder_reranker_cuts_the_template_body_from_the_left(tmp_path: Path) -> None:
+    """A decoder reranker's pair is one text (the template's body): ``left`` cuts it from its
+    start, as the model card's tokenizer call with ``truncation_side="left"`` does."""
+    path = tiny_qwen3_reranker(tmp_path / "qwen3")
+    encoder = load_decoder_reranker(str(path), revision=None, max_input_tokens=160, options=CPU)
+    try:
+        pairs = [("where do foxes live", LONG), ("a", "b")]
+        inputs: list[EncoderInput] = list(pairs)
+        scores = {}
+        for side in ("left", "right"):
+            _, expected = _transformers_yes_probability(path, pairs, 160, truncation_side=side)
+            prepared = encoder.prepare(inputs, truncate=True, truncation_side=side)
+            assert prepared[0].n_tokens == 160 > prepared[1].n_tokens
+            scores[side] = encoder.encode(prepared)[:, 0]
+            np.testing.assert_allclose(scores[side], expected, atol=1e-4)
+        assert not np.isclose(scores["left"][0], scores["right"][0], atol=1e-5)
+        np.testing.assert_allclose(scores["left"][1], scores["right"][1], atol=1e-6)
+    finally:
+        encoder.close()
 
 
 def test_clip_text_tower_cuts_either_side(tmp_path: Path) -> None:
