@@ -4,7 +4,8 @@ prompt, at the start of the text, is cut first), for dense models through the ``
 huggingface_hub's ``InferenceClient``, SPLADE models through /embed_sparse (``SparseEncoder``)
 and rerankers through TEI's /rerank body (``CrossEncoder``); a decoder reranker's template body
 and CLIP's text tower are cut as their reference tokenizer cuts them. Left and right results
-never share a cache entry. Texts that are not valid Unicode (lone surrogates) get a 400 on every text route.
+never share a cache entry. Texts that are not valid Unicode (lone surrogates) get a 400 on every
+text route.
 """
 
 from __future__ import annotations
