@@ -14,13 +14,17 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from emb_model_provider.core.kinds import EncodingFormat, Modality, Task
+from emb_model_provider.core.kinds import EncodingFormat, Modality, Task, TruncationSide
 from emb_model_provider.core.quantization import IntVectors
 from emb_model_provider.core.vectors import Vectors
 
 logger = logging.getLogger(__name__)
 
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+#: A text that may be empty. A length constraint makes pydantic check that the string is Unicode
+#: (``string_unicode``), as ``NonEmptyStr`` does: a lone surrogate (JSON's ``"\ud800"``, which
+#: Python's parser accepts) is refused with a 400 here, never met by a tokenizer or a hash.
+Text = Annotated[StrictStr, Field(min_length=0)]
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
@@ -244,12 +248,20 @@ def render_embeddings(
 
 # -- rerank: the bodies Cohere (v1, v2), Jina, vLLM and TEI clients send -------------------------
 
+#: TEI's ``truncation_direction`` as its router accepts it (serde aliases of both cases).
+TruncationDirection = Literal["left", "right", "Left", "Right"]
+
+
+def side_of(direction: TruncationDirection | None) -> TruncationSide | None:
+    """The truncation side TEI's ``truncation_direction`` names (None: the model's own)."""
+    return None if direction is None else ("left" if direction.lower() == "left" else "right")
+
 
 class RerankDocument(BaseModel):
     """A document as an object (Cohere v1, Jina): its ``text``; other fields are ignored."""
 
     model_config = ConfigDict(extra="allow")
-    text: StrictStr
+    text: Text
 
 
 class RerankRequest(BaseModel):
@@ -262,9 +274,9 @@ class RerankRequest(BaseModel):
     #: None: the server's reranker (``EMB_PROVIDER_RERANK_MODEL``, else the first one).
     model: NonEmptyStr | None = None
     query: NonEmptyStr
-    documents: Annotated[list[StrictStr | RerankDocument], Field(min_length=1)] | None = None
+    documents: Annotated[list[Text | RerankDocument], Field(min_length=1)] | None = None
     #: TEI's name for the documents.
-    texts: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    texts: Annotated[list[Text], Field(min_length=1)] | None = None
     #: The best ``top_n`` results only; None: every document.
     top_n: Annotated[StrictInt, Field(ge=1)] | None = None
     #: Each result carries its document's text (Cohere, Jina, vLLM); TEI's name is return_text.
@@ -274,6 +286,8 @@ class RerankRequest(BaseModel):
     raw_scores: bool = False
     #: TEI: False refuses an over-long pair (400) instead of truncating it; None: the server's.
     truncate: bool | None = None
+    #: TEI: the end each member of an over-long pair is cut from (longest first).
+    truncation_direction: TruncationDirection | None = None
 
     @model_validator(mode="after")
     def _documents_or_texts(self) -> RerankRequest:
@@ -292,6 +306,9 @@ class RerankRequest(BaseModel):
         if self.texts is not None:
             return self.texts
         return [doc if isinstance(doc, str) else doc.text for doc in self.documents or []]
+
+    def truncation_side(self) -> TruncationSide | None:
+        return side_of(self.truncation_direction)
 
     def wants_documents(self) -> bool:
         return bool(self.return_text if self.tei else self.return_documents)

@@ -470,12 +470,13 @@ def tiny_qwen3_reranker(path: Path) -> Path:
 
 
 def _transformers_yes_probability(
-    path: Path, pairs: list[tuple[str, str]], max_length: int
+    path: Path, pairs: list[tuple[str, str]], max_length: int, truncation_side: str = "right"
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model card's computation with transformers: the template, the tokenizer's
-    longest-first truncation of the pair's text, the full causal LM, softmax over [no, yes] of
-    the last position; and the logit difference."""
+    longest-first truncation of the pair's text (from ``truncation_side``), the full causal LM,
+    softmax over [no, yes] of the last position; and the logit difference."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.truncation_side = truncation_side
     model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
     prefix = tokenizer.encode(decoder_reranker.PREFIX, add_special_tokens=False)
     suffix = tokenizer.encode(decoder_reranker.SUFFIX, add_special_tokens=False)

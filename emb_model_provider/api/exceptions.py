@@ -41,6 +41,9 @@ def error_response(
     """OpenAI's error body, or on a route of another wire format that format's
     (``api/error_shapes.py``)."""
     shape = shape_of(request.method, request.url.path) if request is not None else "openai"
+    # A message may quote what the client sent (an unknown model's name); a lone surrogate in it
+    # would fail the response's UTF-8 encoding and turn the error into a 500.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     request_id = getattr(request.state, "request_id", None) if request is not None else None
     body = error_body(
         shape, status, message, type_=type_, param=param, code=code, request_id=request_id
@@ -118,6 +121,15 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | Non
         return (f"{str(first.get('msg', 'invalid')).removeprefix('Value error, ')}.", None)
     if not loc:
         return ("The request body must be a JSON object with 'model' and 'input'.", None)
+    for error in errors:  # a string that is no text, whichever union member reported it
+        if error.get("type") == "string_unicode":
+            at = _body_loc(error)
+            return (
+                f"Invalid value for '{_path(at)}': the text is not valid Unicode (it holds a "
+                "lone surrogate, such as the JSON escape \\ud800 unpaired); send well-formed "
+                "UTF-8 text.",
+                str(at[0]),
+            )
     param = str(loc[0])
     if first.get("type") == "missing":
         return (f"Missing required parameter: '{param}'.", param)

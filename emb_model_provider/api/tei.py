@@ -15,7 +15,11 @@ from emb_model_provider.services.tei import TeiEmbedRequest, TeiEmbedSparseReque
 router = APIRouter(tags=["tei"])
 
 
-async def _embed(
+# One handler on both paths: TEI serves /embed, and huggingface_hub's
+# ``InferenceClient(base_url=...).feature_extraction`` posts to the base URL itself.
+@router.post("/embed", summary="TEI's embed route: a bare array of vectors.")
+@router.post("/", summary="TEI's root route (huggingface_hub InferenceClient(base_url=...)).")
+async def embed(
     body: TeiEmbedRequest, request: Request, service: ServiceDep, readiness: ReadinessDep
 ) -> Response:
     model = body.model or readiness.default_model
@@ -30,20 +34,6 @@ async def _embed(
         request, model=result.model, inputs=len(result.vectors), tokens=result.prompt_tokens
     )
     return Response(content=content, media_type="application/json")
-
-
-@router.post("/embed", summary="TEI's embed route: a bare array of vectors.")
-async def embed(
-    body: TeiEmbedRequest, request: Request, service: ServiceDep, readiness: ReadinessDep
-) -> Response:
-    return await _embed(body, request, service, readiness)
-
-
-@router.post("/", summary="TEI's root route (huggingface_hub InferenceClient(base_url=...)).")
-async def embed_root(
-    body: TeiEmbedRequest, request: Request, service: ServiceDep, readiness: ReadinessDep
-) -> Response:
-    return await _embed(body, request, service, readiness)
 
 
 @router.post("/embed_sparse", summary="TEI's sparse route: [[{index, value}]] per input.")

@@ -44,3 +44,8 @@ Precision = Literal["exact", "fast"]
 
 #: The runtime a ``fast`` model may be pinned to (sentence-transformers' ``backend`` names).
 FastBackend = Literal["openvino", "torch"]
+
+#: Which end of an over-long text truncation cuts tokens from, as a Hugging Face tokenizer's
+#: ``truncation_side``: ``right`` keeps the beginning (the default; Cohere ``END``), ``left``
+#: keeps the end (Cohere ``START``, TEI ``truncation_direction: left``).
+TruncationSide = Literal["right", "left"]

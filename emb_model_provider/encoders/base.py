@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from emb_model_provider.core.kinds import FastBackend, Modality, Precision, PrepareThread, Task
+from emb_model_provider.core.kinds import (
+    FastBackend,
+    Modality,
+    Precision,
+    PrepareThread,
+    Task,
+    TruncationSide,
+)
 from emb_model_provider.core.vectors import Vectors
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "PreparedInput",
     "RerankEncoder",
     "RoutedEncoder",
+    "SideTruncating",
     "TextPair",
     "Vectors",
 ]
@@ -105,10 +113,17 @@ class Encoder(Protocol):
     #: Bytes of weights held on the device (eviction limits and the admin listing).
     memory_bytes: int
 
-    def prepare(self, inputs: Sequence[EncoderInput], *, truncate: bool) -> list[PreparedInput]:
+    def prepare(
+        self,
+        inputs: Sequence[EncoderInput],
+        *,
+        truncate: bool,
+        truncation_side: TruncationSide | None = None,
+    ) -> list[PreparedInput]:
         """Tokenise texts (``str``) or pairs (``TextPair``), or decode and preprocess images
-        (``bytes``); thread-safe, called off the event loop. Raises ``BadInput`` naming the input
-        that is unusable."""
+        (``bytes``); thread-safe, called off the event loop. With ``truncate``, over-long texts
+        are cut from ``truncation_side`` (None: the model's own; images ignore it). Raises
+        ``BadInput`` naming the input that is unusable."""
         ...
 
     def encode(self, batch: Sequence[PreparedInput]) -> Vectors:
@@ -148,9 +163,14 @@ class PromptedEncoder(Protocol):
         ...
 
     def prepare(
-        self, inputs: Sequence[EncoderInput], *, truncate: bool, prompt: str | None = None
+        self,
+        inputs: Sequence[EncoderInput],
+        *,
+        truncate: bool,
+        prompt: str | None = None,
+        truncation_side: TruncationSide | None = None,
     ) -> list[PreparedInput]:
-        """``Encoder.prepare`` with ``prompt`` prepended to every text."""
+        """``Encoder.prepare`` with ``prompt`` prepended to every text (and truncated with it)."""
         ...
 
 
@@ -176,6 +196,15 @@ class RoutedEncoder(Protocol):
     ) -> list[PreparedInput]:
         """``PromptedEncoder.prepare`` for ``route`` (None: the route of no task)."""
         ...
+
+
+@runtime_checkable
+class SideTruncating(Protocol):
+    """An encoder of texts that may be cut from either side (``truncation_side``)."""
+
+    #: The side over-long texts are cut from when a request names none: the model's
+    #: tokenizer's saved ``truncation_side``.
+    truncation_side: TruncationSide
 
 
 @runtime_checkable

@@ -36,6 +36,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
+from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.encoders import bert_unpadded
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
@@ -47,6 +48,7 @@ from emb_model_provider.encoders.runtime import (
 from emb_model_provider.encoders.sources import SourceError, resolve_source
 from emb_model_provider.encoders.st_modules import ACTIVATIONS
 from emb_model_provider.encoders.text import length_groups, lowercase
+from emb_model_provider.encoders.truncation import TruncationModes
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class CrossEncoderModel:
         dtype: torch.dtype,
         activation: str,
         do_lower_case: bool = False,
-        truncation_side: Literal["left", "right"] = "right",
+        truncation_side: TruncationSide = "right",
         token_types: bool = True,
     ) -> None:
         self._model = model
@@ -110,15 +112,10 @@ class CrossEncoderModel:
         base = Tokenizer.from_str(tokenizer.to_str())
         if do_lower_case:
             lowercase(base)
-        # Two read-only tokenizers, as in the text encoder: truncation is not changed per call.
-        self._truncating = Tokenizer.from_str(base.to_str())
-        self._truncating.no_padding()
-        self._truncating.enable_truncation(
-            max_input_tokens, strategy="longest_first", direction=truncation_side
-        )
-        self._full = Tokenizer.from_str(base.to_str())
-        self._full.no_padding()
-        self._full.no_truncation()
+        # Read-only tokenizers per truncation mode, as in the text encoder.
+        self._tokenizers = TruncationModes(base, max_input_tokens, side=truncation_side)
+        #: The side over-long inputs are cut from when a request names none.
+        self.truncation_side: TruncationSide = truncation_side
         self._forward_lock = threading.Lock()
         # Token types go in when the tokenizer returns them (its ``model_input_names``) and the
         # forward takes them, as in sentence-transformers; otherwise every token is segment 0.
@@ -135,9 +132,17 @@ class CrossEncoderModel:
         self.backend: Backend = "bert-unpadded" if self._unpadded else "length-grouped"
         self.pad_share: float | None = _CPU_PAD_SHARE if device.type == "cpu" else None
 
-    def prepare(self, inputs: Sequence[EncoderInput], *, truncate: bool) -> list[PreparedInput]:
+    def prepare(
+        self,
+        inputs: Sequence[EncoderInput],
+        *,
+        truncate: bool,
+        truncation_side: TruncationSide | None = None,
+    ) -> list[PreparedInput]:
+        # Pairs are cut longest first, each member from ``truncation_side``, as TEI's rerank
+        # and a Hugging Face tokenizer with that ``truncation_side`` cut them.
         pairs = [_pair(index, value) for index, value in enumerate(inputs)]
-        tokenizer = self._truncating if truncate else self._full
+        tokenizer = self._tokenizers.get(truncate, truncation_side)
         encodings = tokenizer.encode_batch(pairs, add_special_tokens=True)
         return [
             PreparedInput(

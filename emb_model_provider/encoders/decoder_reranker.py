@@ -31,6 +31,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
+from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
     load_pretrained,
@@ -40,6 +41,7 @@ from emb_model_provider.encoders.runtime import (
 )
 from emb_model_provider.encoders.sources import SourceError, resolve_source
 from emb_model_provider.encoders.text import length_groups
+from emb_model_provider.encoders.truncation import TruncationModes
 
 logger = logging.getLogger(__name__)
 
@@ -105,18 +107,23 @@ class DecoderReranker:
         room = max_input_tokens - len(self._prefix) - len(self._suffix)
         if room < 1:
             raise SourceError(f"max_input_tokens {max_input_tokens} leaves no room for a pair")
-        self._truncating = Tokenizer.from_str(tokenizer.to_str())
-        self._truncating.no_padding()
-        self._truncating.enable_truncation(room, strategy="longest_first")
-        self._full = Tokenizer.from_str(tokenizer.to_str())
-        self._full.no_padding()
-        self._full.no_truncation()
+        self._tokenizers = TruncationModes(tokenizer, room)
+        #: The side over-long pairs are cut from when a request names none.
+        self.truncation_side: TruncationSide = "right"
         self._forward_lock = threading.Lock()
         self.pad_share: float | None = _CPU_PAD_SHARE if device.type == "cpu" else None
 
-    def prepare(self, inputs: Sequence[EncoderInput], *, truncate: bool) -> list[PreparedInput]:
+    def prepare(
+        self,
+        inputs: Sequence[EncoderInput],
+        *,
+        truncate: bool,
+        truncation_side: TruncationSide | None = None,
+    ) -> list[PreparedInput]:
+        # The template's body is one text: ``left`` cuts it from its start (the instruction
+        # first), as the model card's tokenizer call with ``truncation_side="left"`` would.
         texts = [pair_text(*_pair(index, value)) for index, value in enumerate(inputs)]
-        tokenizer = self._truncating if truncate else self._full
+        tokenizer = self._tokenizers.get(truncate, truncation_side)
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
         out = []
         for enc in encodings:

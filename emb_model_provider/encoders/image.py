@@ -25,7 +25,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
-from emb_model_provider.core.kinds import PrepareThread
+from emb_model_provider.core.kinds import PrepareThread, TruncationSide
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
     image_prepare_thread,
@@ -68,8 +68,15 @@ class ImageEncoder:
         self.dimensions = int(probe[1].shape[1])
         self.max_input_tokens = int(probe[0])
 
-    def prepare(self, inputs: Sequence[EncoderInput], *, truncate: bool) -> list[PreparedInput]:
-        """Decode and preprocess image bytes; a bad image fails with its index named."""
+    def prepare(
+        self,
+        inputs: Sequence[EncoderInput],
+        *,
+        truncate: bool,
+        truncation_side: TruncationSide | None = None,
+    ) -> list[PreparedInput]:
+        """Decode and preprocess image bytes (nothing is truncated); a bad image fails with its
+        index named."""
         images: list[object] = []
         for index, data in enumerate(inputs):
             if not isinstance(data, bytes):

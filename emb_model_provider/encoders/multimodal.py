@@ -32,7 +32,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput, ContextLengthExceeded
-from emb_model_provider.core.kinds import PrepareThread
+from emb_model_provider.core.kinds import PrepareThread, TruncationSide
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.image import blank_image, blank_png
 from emb_model_provider.encoders.runtime import (
@@ -68,8 +68,16 @@ class FeatureModel(Protocol):
     def get_image_features(self, **inputs: torch.Tensor) -> Features: ...
 
 
+class SidedTokenizer(Protocol):
+    """A transformers tokenizer's side of truncation, read on each call."""
+
+    truncation_side: str
+
+
 class Processor(Protocol):
     """The part of a transformers ``ProcessorMixin`` used here (untyped in transformers)."""
+
+    tokenizer: SidedTokenizer
 
     def __call__(self, **kwargs: object) -> Mapping[str, object]: ...
 
@@ -124,6 +132,10 @@ class MultimodalEncoder:
         # A fast tokenizer's truncation and padding are set on the shared Rust tokenizer on each
         # call, so two threads tokenising at once would race.
         self._text_lock = threading.Lock()
+        #: The side over-long texts are cut from when a request names none (the tokenizer's).
+        self.truncation_side: TruncationSide = (
+            "left" if processor.tokenizer.truncation_side == "left" else "right"
+        )
         probe = [payload for payload, _ in self._preprocess([blank_image()])]
         image_rows, self.image_positions = self._image_features(probe)
         text_rows = self._text_forward(
@@ -139,9 +151,16 @@ class MultimodalEncoder:
         #: may be more (SigLIP at 224 pixels: 196 patches, 64 text tokens).
         self.max_input_tokens = max(max_text_tokens, self.image_positions)
 
-    def prepare(self, inputs: Sequence[EncoderInput], *, truncate: bool) -> list[PreparedInput]:
-        """Tokenise the texts (``str``) and decode and preprocess the images (``bytes``) of
-        ``inputs``, in order; a bad image or an over-long text fails with its index named."""
+    def prepare(
+        self,
+        inputs: Sequence[EncoderInput],
+        *,
+        truncate: bool,
+        truncation_side: TruncationSide | None = None,
+    ) -> list[PreparedInput]:
+        """Tokenise the texts (``str``; over-long ones cut from ``truncation_side``, None: the
+        tokenizer's own) and decode and preprocess the images (``bytes``) of ``inputs``, in
+        order; a bad image or an over-long text fails with its index named."""
         for index, value in enumerate(inputs):
             if not isinstance(value, (str, bytes)):
                 raise BadInput(index, "neither a text nor an image")
@@ -151,7 +170,7 @@ class MultimodalEncoder:
         if text_at:
             texts = [cast(str, inputs[index]) for index in text_at]
             try:
-                items = self._texts(texts, truncate=truncate)
+                items = self._texts(texts, truncate=truncate, side=truncation_side)
             except _TooLong as exc:
                 raise ContextLengthExceeded(self.max_text_tokens, exc.n_tokens) from exc
             for index, item in zip(text_at, items, strict=True):
@@ -169,7 +188,9 @@ class MultimodalEncoder:
                 prepared[index] = item
         return [item for item in prepared if item is not None]
 
-    def _texts(self, texts: list[str], *, truncate: bool) -> list[PreparedInput]:
+    def _texts(
+        self, texts: list[str], *, truncate: bool, side: TruncationSide | None = None
+    ) -> list[PreparedInput]:
         # Lists, not tensors: without truncation an over-long text is longer than the others
         # (and refused below, naming its length).
         kwargs: dict[str, object] = {"truncation": truncate, "max_length": self.max_text_tokens}
@@ -178,7 +199,15 @@ class MultimodalEncoder:
         else:  # rows of their own lengths, padded per batch in ``encode``
             kwargs.update(padding=False)
         with self._text_lock:
-            encoded = self._processor(text=texts, **kwargs)
+            # The tokenizer reads its ``truncation_side`` on each call; under the lock, set for
+            # this call only.
+            tokenizer = self._processor.tokenizer
+            own = tokenizer.truncation_side
+            tokenizer.truncation_side = side or self.truncation_side
+            try:
+                encoded = self._processor(text=texts, **kwargs)
+            finally:
+                tokenizer.truncation_side = own
         columns = {name: encoded[name] for name in self._text_inputs if name in encoded}
         ids = cast(Sequence[Sequence[int]], columns["input_ids"])
         masks = cast(Sequence[Sequence[int]] | None, columns.get("attention_mask"))

@@ -56,6 +56,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
 from emb_model_provider.core.errors import ContextLengthExceeded
+from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.runtime import (
     load_pretrained,
@@ -72,6 +73,7 @@ from emb_model_provider.encoders.text import (
     lowercase,
     text_of,
 )
+from emb_model_provider.encoders.truncation import TruncationModes
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ class SpladeRoute:
         strategy: SpladeStrategy,
         activation: SpladeActivation,
         do_lower_case: bool = False,
-        truncation_side: Literal["left", "right"] = "right",
+        truncation_side: TruncationSide = "right",
     ) -> None:
         self._model = model
         self._device = device
@@ -124,12 +126,15 @@ class SpladeRoute:
         base = Tokenizer.from_str(tokenizer.to_str())
         if do_lower_case:
             lowercase(base)
-        self._truncating, self._full = _tokenizers(base, max_input_tokens, truncation_side)
+        # Read-only tokenizers per truncation mode, as in the text encoder.
+        self.tokenizers = TruncationModes(base, max_input_tokens, side=truncation_side)
         self._token_types = "token_type_ids" in inspect.signature(model.forward).parameters
         self.pad_share: float | None = _CPU_PAD_SHARE if device.type == "cpu" else None
 
-    def tokenize(self, texts: list[str], *, truncate: bool) -> list[npt.NDArray[np.int64]]:
-        tokenizer = self._truncating if truncate else self._full
+    def tokenize(
+        self, texts: list[str], *, truncate: bool, side: TruncationSide | None = None
+    ) -> list[npt.NDArray[np.int64]]:
+        tokenizer = self.tokenizers.get(truncate, side)
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
         return [np.asarray(enc.ids, dtype=np.int64) for enc in encodings]
 
@@ -181,18 +186,21 @@ class StaticRoute:
         tokenizer: Tokenizer,
         *,
         max_input_tokens: int,
-        truncation_side: Literal["left", "right"] = "right",
+        truncation_side: TruncationSide = "right",
     ) -> None:
         self._weight = weight
         self.max_input_tokens = max_input_tokens
         self.dimensions = int(weight.shape[0])
         self.memory_bytes = weight.numel() * weight.element_size()
         base = Tokenizer.from_str(tokenizer.to_str())
-        self._truncating, self._full = _tokenizers(base, max_input_tokens, truncation_side)
+        # Read-only tokenizers per truncation mode, as in the text encoder.
+        self.tokenizers = TruncationModes(base, max_input_tokens, side=truncation_side)
 
-    def tokenize(self, texts: list[str], *, truncate: bool) -> list[npt.NDArray[np.int64]]:
+    def tokenize(
+        self, texts: list[str], *, truncate: bool, side: TruncationSide | None = None
+    ) -> list[npt.NDArray[np.int64]]:
         # ``SparseStaticEmbedding.preprocess`` tokenises without special tokens.
-        tokenizer = self._truncating if truncate else self._full
+        tokenizer = self.tokenizers.get(truncate, side)
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(enc.ids, dtype=np.int64) for enc in encodings]
 
@@ -293,6 +301,9 @@ class SparseModel:
             )
             default = f"; default {router.default_route}" if router.default_route else ""
             self.architecture = f"Router({described}{default})"
+        #: The side over-long inputs are cut from when a request names none: the tokenizer's
+        #: saved side (for a Router, its first route's; a request naming a side sets it for all).
+        self.truncation_side: TruncationSide = self._routes[0].tokenizers.side
         self._forward_lock = threading.Lock()
 
     def prompt_text(self, name: str | None) -> str | None:
@@ -315,8 +326,10 @@ class SparseModel:
         truncate: bool,
         prompt: str | None = None,
         route: str | None = None,
+        truncation_side: TruncationSide | None = None,
     ) -> list[PreparedInput]:
-        """Token ids of ``inputs`` (``prompt`` prepended) for ``route`` (None: ``encode``'s)."""
+        """Token ids of ``inputs`` (``prompt`` prepended) for ``route`` (None: ``encode``'s),
+        over-long ones cut from ``truncation_side`` (None: the tokenizer's saved side)."""
         if route is None:
             route = self.route(None)
         index = self._names.index(route) if route is not None else 0
@@ -324,7 +337,7 @@ class SparseModel:
         texts = [text_of(position, value) for position, value in enumerate(inputs)]
         if prompt:
             texts = [prompt + text for text in texts]
-        ids = runner.tokenize(texts, truncate=truncate)
+        ids = runner.tokenize(texts, truncate=truncate, side=truncation_side)
         if not truncate and runner.max_input_tokens < self.max_input_tokens:
             # The service checks the model's longest route; this route takes fewer.
             for row in ids:
@@ -375,20 +388,6 @@ def top_k(vectors: torch.Tensor, k: int) -> torch.Tensor:
     del values
     kept = torch.zeros_like(vectors)
     return kept.scatter_(-1, indices, vectors.gather(-1, indices))
-
-
-def _tokenizers(
-    base: Tokenizer, max_input_tokens: int, truncation_side: Literal["left", "right"]
-) -> tuple[Tokenizer, Tokenizer]:
-    """Two read-only tokenizers, as in the text encoder (truncation is not changed per call):
-    one truncating at ``max_input_tokens``, one not."""
-    truncating = Tokenizer.from_str(base.to_str())
-    truncating.no_padding()
-    truncating.enable_truncation(max_input_tokens, direction=truncation_side)
-    full = Tokenizer.from_str(base.to_str())
-    full.no_padding()
-    full.no_truncation()
-    return truncating, full
 
 
 def _tagged(payload: object) -> _Tagged:

@@ -41,7 +41,7 @@ from tokenizers import Tokenizer, normalizers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from emb_model_provider.core.errors import BadInput
-from emb_model_provider.core.kinds import Pooling
+from emb_model_provider.core.kinds import Pooling, TruncationSide
 from emb_model_provider.encoders import bert_unpadded, fast
 from emb_model_provider.encoders.base import (
     EXACT_PATH,
@@ -67,6 +67,7 @@ from emb_model_provider.encoders.st_modules import (
     read_sentence_config,
     read_truncate_dim,
 )
+from emb_model_provider.encoders.truncation import TruncationModes
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class TextEncoder:
         device: torch.device,
         dtype: torch.dtype,
         do_lower_case: bool = False,
-        truncation_side: Literal["left", "right"] = "right",
+        truncation_side: TruncationSide = "right",
         special_ids: frozenset[int] = frozenset(),
         dense: DenseHead | None = None,
         token_head: DenseHead | None = None,
@@ -152,14 +153,9 @@ class TextEncoder:
         base = Tokenizer.from_str(tokenizer.to_str())
         if do_lower_case:
             lowercase(base)
-        # Two read-only Rust tokenizers: encode_batch takes &self, so many request threads can
-        # share them, while changing truncation per call on one tokenizer would race.
-        self._truncating = Tokenizer.from_str(base.to_str())
-        self._truncating.no_padding()
-        self._truncating.enable_truncation(max_input_tokens, direction=truncation_side)
-        self._full = Tokenizer.from_str(base.to_str())
-        self._full.no_padding()
-        self._full.no_truncation()
+        self._tokenizers = TruncationModes(base, max_input_tokens, side=truncation_side)
+        #: The side over-long texts are cut from when a request names none.
+        self.truncation_side: TruncationSide = truncation_side
         self._prompt_lengths = {text: self._prompt_length(text) for text in self.prompts.values()}
         self._forward_lock = threading.Lock()
         # transformers' BERT-style models take token type ids, others refuse them.
@@ -188,7 +184,7 @@ class TextEncoder:
     def _prompt_length(self, prompt: str) -> int:
         """Tokens of ``prompt`` alone, without a trailing special token (sentence-transformers'
         ``Transformer._get_prompt_length``): what pooling leaves out without ``include_prompt``."""
-        ids = self._truncating.encode(prompt, add_special_tokens=True).ids
+        ids = self._tokenizers.get(True).encode(prompt, add_special_tokens=True).ids
         if ids and ids[-1] in self._special_ids:
             return len(ids) - 1
         return len(ids)
@@ -200,7 +196,12 @@ class TextEncoder:
         return None if name is None else self.prompts[name]
 
     def prepare(
-        self, inputs: Sequence[EncoderInput], *, truncate: bool, prompt: str | None = None
+        self,
+        inputs: Sequence[EncoderInput],
+        *,
+        truncate: bool,
+        prompt: str | None = None,
+        truncation_side: TruncationSide | None = None,
     ) -> list[PreparedInput]:
         texts = [text_of(index, value) for index, value in enumerate(inputs)]
         skip = 0
@@ -209,7 +210,9 @@ class TextEncoder:
             if not self.pooling.include_prompt:
                 known = self._prompt_lengths.get(prompt)
                 skip = known if known is not None else self._prompt_length(prompt)
-        tokenizer = self._truncating if truncate else self._full
+        # The prompt is part of the text truncated: cutting from the left cuts it first, and
+        # pooling still leaves out the first ``skip`` tokens, as sentence-transformers does.
+        tokenizer = self._tokenizers.get(truncate, truncation_side)
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
         # Usage counts the tokens pooled: a prompt the Pooling leaves out is not counted, unless
         # the whole is over the model's limit (truncation off), which the service then refuses.

@@ -2,9 +2,9 @@
 
 - The key is a SHA-256 of everything that decides a vector: the model's name, a fingerprint of
   its weights (hub commit, package version or a digest of the files, taken at load), modality,
-  the truncation length and flag, pooling, the dtype it runs in, and the exact input (text after
-  token-array decoding, image bytes after fetching). A changed model gets new keys, so it never
-  answers with the old vectors.
+  the truncation length, flag and side (when ``left``), pooling, the dtype it runs in, and the
+  exact input (text after token-array decoding, image bytes after fetching). A changed model
+  gets new keys, so it never answers with the old vectors.
 - The value is the model's raw pooled vector (float32, full length) and the input's token count:
   ``dimensions``, L2 normalisation and ``encoding_format`` are applied after the cache, so one
   entry serves every variant, both image paths (normalised or raw) stay bit-identical to an
@@ -423,6 +423,7 @@ class ResultCache:
         placement: str,
         prompt: str | None = None,
         route: str | None = None,
+        truncation_side: str | None = None,
     ) -> CacheScope:
         context = {
             "model": spec.name,
@@ -439,6 +440,10 @@ class ResultCache:
         }
         if route is not None:  # a Router's routes run different modules on the same text
             context["route"] = route
+        if truncation_side == "left":
+            # Cut from the start: other tokens than the default side's. Only this side adds to
+            # the key, so that keys from before sides were chosen stay valid.
+            context["truncation_side"] = truncation_side
         digest = hashlib.sha256(_KEY_VERSION)
         digest.update(json.dumps(context, sort_keys=True).encode())
         return CacheScope(digest.digest(), dimensions)

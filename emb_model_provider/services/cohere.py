@@ -3,8 +3,8 @@ onto the embedding service. Shapes follow the ``cohere`` SDK's types (``EmbedByT
 ``EmbeddingsFloatsEmbedResponse``, ``EmbedInputType``, ``EmbeddingType``).
 
 - ``texts`` or ``images`` (data URIs), ``model``, ``input_type``, ``embedding_types`` (several at
-  once), ``truncate`` (``NONE`` refuses over-long texts, ``END`` cuts them; ``START`` is refused:
-  the encoders cut at the tokenizer's side only), ``output_dimension`` (our ``dimensions``).
+  once), ``truncate`` (``NONE`` refuses over-long texts, ``END`` cuts their end, ``START`` their
+  start), ``output_dimension`` (our ``dimensions``).
 - ``input_type`` ``search_query`` / ``search_document`` select the model's ``query`` / ``document``
   prompt, ``classification`` / ``clustering`` the prompt of that name, when the model has it;
   otherwise the model's default prompt applies, as on /v1/embeddings.
@@ -21,6 +21,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from emb_model_provider.core.errors import InvalidRequest
+from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject
 from emb_model_provider.services.embedding_service import EmbeddingService
 
@@ -36,6 +37,9 @@ PROMPT_OF_INPUT_TYPE: dict[str, str] = {
     "classification": "classification",
     "clustering": "clustering",
 }
+
+#: ``truncate`` -> the end over-long texts lose: START keeps their end, END their start.
+_SIDE_OF_TRUNCATE: dict[str, TruncationSide] = {"START": "left", "END": "right"}
 
 _Text = Annotated[StrictStr, Field(min_length=1)]
 
@@ -70,11 +74,6 @@ async def embed(
 ) -> tuple[bytes, str, int, int]:
     """The response body of a Cohere embed request and what it cost: (body, model, inputs,
     tokens)."""
-    if request.truncate == "START":
-        raise InvalidRequest(
-            "truncate START is not supported: use END (cut the end of over-long texts) or NONE.",
-            param="truncate",
-        )
     if request.max_tokens is not None:
         raise InvalidRequest(
             "max_tokens is not supported: texts are cut at the model's own limit "
@@ -99,7 +98,8 @@ async def embed(
         normalize=spec.normalize,
         prompt_name=prompt_name,
         prompt_if_known=True,
-        truncate=None if request.truncate is None else request.truncate == "END",
+        truncate=None if request.truncate is None else request.truncate != "NONE",
+        truncation_side=_SIDE_OF_TRUNCATE.get(request.truncate or ""),
     )
     types = request.embedding_types or ["float"]
     embeddings: dict[str, Any] = {}

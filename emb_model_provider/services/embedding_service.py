@@ -9,9 +9,10 @@ theirs (``core/tracing.py``).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from emb_model_provider.core.errors import (
     InvalidRequest,
     ModelLoadFailed,
 )
-from emb_model_provider.core.kinds import QUANTIZATIONS, Quantization, Task
+from emb_model_provider.core.kinds import QUANTIZATIONS, Quantization, Task, TruncationSide
 from emb_model_provider.core.quantization import IntVectors, quantize
 from emb_model_provider.encoders.base import (
     Encoder,
@@ -31,6 +32,7 @@ from emb_model_provider.encoders.base import (
     PreparedInput,
     PromptedEncoder,
     RoutedEncoder,
+    SideTruncating,
     Vectors,
 )
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, Inputs, render_embeddings
@@ -269,13 +271,15 @@ class EmbeddingService:
         prompt_name: str | None = None,
         truncate: bool | None = None,
         prompt_if_known: bool = False,
+        truncation_side: TruncationSide | None = None,
     ) -> Embedded:
         """Vectors for ``data``: the first ``dimensions`` components (None: the model's
         default size), L2-normalised when asked (Matryoshka-style: a prefix of a unit vector is
         scaled back to unit length). ``prompt_name`` (else the name's pinned prompt, else the
         model's default) is prepended to every text; with ``prompt_if_known`` a name the model
         lacks falls back to that default (Cohere's ``input_type``). ``truncate`` (None: the
-        server's setting) cuts over-long texts or refuses them."""
+        server's setting) cuts over-long texts, from ``truncation_side`` (None: the model's
+        tokenizer's side), or refuses them."""
         computed = await self.run(
             spec,
             data,
@@ -284,6 +288,7 @@ class EmbeddingService:
             prompt_name=prompt_name,
             prompt_if_known=prompt_if_known,
             truncate=truncate,
+            truncation_side=truncation_side,
             check=lambda encoder: self._check_dimensions(dimensions, encoder.dimensions),
         )
         vectors = computed.rows
@@ -306,11 +311,13 @@ class EmbeddingService:
         prompt_if_known: bool = False,
         truncate: bool | None = None,
         check: Callable[[Encoder], None] | None = None,
+        truncation_side: TruncationSide | None = None,
     ) -> Computed:
         """What every task shares: the model (refused when it serves another task), ``check``
         of the loaded encoder, the prompt, the result cache, tokenisation, the context and
         per-request token limits, and the dynamic batcher. ``truncate``: the request's choice,
-        else the server's."""
+        else the server's; ``truncation_side``: the end over-long texts are cut from, else the
+        model's."""
         known = self._models.registry.task(spec)
         if known is not None:  # refused before a load
             check_task(spec, known, task)
@@ -326,12 +333,15 @@ class EmbeddingService:
                 prompt_name = None
             prompt = _prompt(spec, encoder, prompt_name)
             route = _route(spec, encoder, prompt_name)
+            side = _side(encoder, truncate, truncation_side)
             if self.cache.enabled and model.fingerprint is not None:
                 rows, prompt_tokens = await self._embed_cached(
-                    model, data, background, prompt, truncate, route=route
+                    model, data, background, prompt, truncate, side=side, route=route
                 )
             else:
-                prepared = await self._prepare(model.encoder, data, prompt, truncate, route=route)
+                prepared = await self._prepare(
+                    model.encoder, data, prompt, truncate, side, route=route
+                )
                 prompt_tokens = self._check_tokens(prepared, model)
                 rows = _stack(await model.batcher.embed(prepared, background=background))
         return Computed(rows, prompt_tokens, model.encoder, model.dimensions)
@@ -344,6 +354,7 @@ class EmbeddingService:
         prompt: str | None,
         truncate: bool,
         *,
+        side: TruncationSide | None,
         route: str | None = None,
     ) -> tuple[Vectors, int]:
         """Raw vectors and tokens through the result cache: only the inputs it does not hold
@@ -360,12 +371,13 @@ class EmbeddingService:
             placement=encoder.placement,
             prompt=prompt,
             route=route,
+            truncation_side=side,
         )
 
         async def compute(indices: list[int], tokens_known: int) -> list[CachedVector]:
             subset = [data[index] for index in indices]
             try:
-                prepared = await self._prepare(encoder, subset, prompt, truncate, route=route)
+                prepared = await self._prepare(encoder, subset, prompt, truncate, side, route=route)
             except BadInput as exc:  # name the input by its place in the request
                 raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
             self._check_tokens(prepared, model, tokens_known=tokens_known)
@@ -386,6 +398,7 @@ class EmbeddingService:
         data: Sequence[EncoderInput],
         prompt: str | None,
         truncate: bool,
+        side: TruncationSide | None = None,
         *,
         route: str | None = None,
     ) -> list[PreparedInput]:
@@ -400,25 +413,23 @@ class EmbeddingService:
             name = f"{prefix}.prepare_inputs"  # texts tokenised, images preprocessed
         with tracing.leaf(name, {"emb.inputs": len(data)}) as current:
             if encoder.modality == "multimodal":
-                prepared = await self._prepare_mixed(encoder, data, truncate)
-            elif route is not None and isinstance(encoder, RoutedEncoder):
-                prepared = await asyncio.to_thread(
-                    encoder.prepare, data, truncate=truncate, prompt=prompt, route=route
-                )
-            elif prompt is not None and isinstance(encoder, PromptedEncoder):
-                prepared = await asyncio.to_thread(
-                    encoder.prepare, data, truncate=truncate, prompt=prompt
-                )
+                prepared = await self._prepare_mixed(encoder, data, truncate, side)
             elif image:
                 prepared = await _prepare_images(encoder, data, truncate=truncate)
             else:
-                prepared = await asyncio.to_thread(encoder.prepare, data, truncate=truncate)
+                prepared = await asyncio.to_thread(
+                    _text_prepare(encoder, truncate, side, prompt, route), data
+                )
             if current is not None:
                 current.set_attribute("emb.tokens", sum(item.n_tokens for item in prepared))
             return prepared
 
     async def _prepare_mixed(
-        self, encoder: Encoder, data: Sequence[EncoderInput], truncate: bool
+        self,
+        encoder: Encoder,
+        data: Sequence[EncoderInput],
+        truncate: bool,
+        side: TruncationSide | None = None,
     ) -> list[PreparedInput]:
         text_at = [index for index, value in enumerate(data) if isinstance(value, str)]
         image_at = [index for index, value in enumerate(data) if isinstance(value, bytes)]
@@ -430,7 +441,7 @@ class EmbeddingService:
             try:
                 if images:
                     return await _prepare_images(encoder, subset, truncate=truncate)
-                return await asyncio.to_thread(encoder.prepare, subset, truncate=truncate)
+                return await asyncio.to_thread(_text_prepare(encoder, truncate, side), subset)
             except BadInput as exc:  # name the input by its place in the request
                 raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
 
@@ -534,6 +545,38 @@ async def _prepare_images(
     if isinstance(encoder, ImagePreparing) and encoder.image_prepare_thread == "worker":
         return await model_thread.run_decode(encoder.prepare, data, truncate=truncate)
     return await model_thread.run(encoder.prepare, data, truncate=truncate)
+
+
+def _text_prepare(
+    encoder: Encoder,
+    truncate: bool,
+    side: TruncationSide | None,
+    prompt: str | None = None,
+    route: str | None = None,
+) -> Callable[[Sequence[EncoderInput]], list[PreparedInput]]:
+    """``encoder.prepare`` of texts with a request's options: the prompt where the encoder takes
+    prompts, the side only where one applies (``_side``), the route where the model has routes
+    (``_route``), so that an encoder without them keeps the plain ``prepare(inputs, *,
+    truncate)``."""
+    options: dict[str, Any] = {"truncate": truncate}
+    if prompt is not None and isinstance(encoder, PromptedEncoder):
+        options["prompt"] = prompt
+    if side is not None:
+        options["truncation_side"] = side
+    if route is not None and isinstance(encoder, RoutedEncoder):
+        options["route"] = route
+    return functools.partial(encoder.prepare, **options)
+
+
+def _side(
+    encoder: Encoder, truncate: bool, requested: TruncationSide | None
+) -> TruncationSide | None:
+    """The side a request's over-long texts are cut from: the one it names, else the model's;
+    None when nothing is cut (truncation off, or an encoder of images only), so that the cache
+    keys of such requests do not depend on it."""
+    if not truncate or not isinstance(encoder, SideTruncating):
+        return None
+    return requested or encoder.truncation_side
 
 
 def _prompt(spec: ModelSpec, encoder: Encoder, requested: str | None) -> str | None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from emb_model_provider.core import tracing
 from emb_model_provider.core.errors import InvalidRequest
+from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.encoders.base import Encoder, EncoderInput, RerankEncoder
 from emb_model_provider.protocol import RerankRequest, render_rerank
 from emb_model_provider.registry import ModelSpec, Registry
@@ -73,6 +74,7 @@ class RerankService:
             top_n=request.top_n,
             raw_scores=request.raw_scores,
             truncate=request.truncate,
+            truncation_side=request.truncation_side(),
             background=background,
         )
         body = render_rerank(
@@ -96,6 +98,7 @@ class RerankService:
         raw_scores: bool = False,
         truncate: bool | None = None,
         background: bool = False,
+        truncation_side: TruncationSide | None = None,
     ) -> Ranked:
         """Score each (query, document) pair with ``spec``'s reranker and rank them."""
         limit = self._limits.max_documents_per_request
@@ -112,6 +115,7 @@ class RerankService:
             task="rerank",
             background=background,
             truncate=truncate,
+            truncation_side=truncation_side,
             check=lambda encoder: _one_label(spec, encoder),
         )
         logits = computed.rows

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import orjson
 
 from emb_model_provider.core.errors import InvalidRequest
+from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.encoders.base import EncoderInput, Vectors
 from emb_model_provider.registry import ModelSpec
 
@@ -80,6 +81,7 @@ async def sparse_vectors(
     prompt_name: str | None = None,
     truncate: bool | None = None,
     background: bool = False,
+    truncation_side: TruncationSide | None = None,
 ) -> SparseResult:
     """The sparse vectors of ``data`` (texts) from ``spec``'s SPLADE model."""
     computed = await service.run(
@@ -89,6 +91,7 @@ async def sparse_vectors(
         background=background,
         prompt_name=prompt_name,
         truncate=truncate,
+        truncation_side=truncation_side,
     )
     return SparseResult(non_zero(computed.rows, top_k), computed.prompt_tokens, spec.name)
 

@@ -12,8 +12,7 @@ from typing import Annotated, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from emb_model_provider.core.errors import InvalidRequest
-from emb_model_provider.protocol import EmbeddingRequest
+from emb_model_provider.protocol import EmbeddingRequest, TruncationDirection, side_of
 from emb_model_provider.services import sparse
 from emb_model_provider.services.embedding_service import Embedded, EmbeddingService
 
@@ -27,7 +26,7 @@ class TeiEmbedRequest(BaseModel):
     normalize: bool = True
     #: None: the server's EMB_PROVIDER_TRUNCATE; false refuses over-long texts.
     truncate: bool | None = None
-    truncation_direction: Literal["left", "right", "Left", "Right"] | None = None
+    truncation_direction: TruncationDirection | None = None
     prompt_name: _Text | None = None
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     #: huggingface_hub sends it when asked; only float vectors are served on this route.
@@ -40,11 +39,6 @@ async def embed(
     service: EmbeddingService, request: TeiEmbedRequest, *, default_model: str
 ) -> tuple[bytes, Embedded]:
     """The body of a TEI embed request, and the vectors (for usage)."""
-    if request.truncation_direction in ("left", "Left"):
-        raise InvalidRequest(
-            "truncation_direction left is not supported: over-long texts are cut at the end.",
-            param="truncation_direction",
-        )
     texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
     inner = EmbeddingRequest.model_validate(
         {"input": texts, "model": request.model or default_model}
@@ -57,6 +51,7 @@ async def embed(
         normalize=request.normalize,
         prompt_name=request.prompt_name,
         truncate=request.truncate,
+        truncation_side=side_of(request.truncation_direction),
     )
     return orjson.dumps(result.vectors, option=orjson.OPT_SERIALIZE_NUMPY), result
 
@@ -69,7 +64,7 @@ class TeiEmbedSparseRequest(BaseModel):
     inputs: _Text | Annotated[list[_Text], Field(min_length=1)]
     #: None: the server's EMB_PROVIDER_TRUNCATE; false refuses over-long texts.
     truncate: bool | None = None
-    truncation_direction: Literal["left", "right", "Left", "Right"] | None = None
+    truncation_direction: TruncationDirection | None = None
     prompt_name: _Text | None = None
     #: Extension: the model to use; TEI serves one, so its clients send none.
     model: _Text | None = None
@@ -80,17 +75,17 @@ async def embed_sparse(
 ) -> tuple[bytes, sparse.SparseResult]:
     """The body of a TEI embed_sparse request (``[[{"index", "value"}, ...], ...]``), and the
     result (for usage)."""
-    if request.truncation_direction in ("left", "Left"):
-        raise InvalidRequest(
-            "truncation_direction left is not supported: over-long texts are cut at the end.",
-            param="truncation_direction",
-        )
     texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
     inner = EmbeddingRequest.model_validate(
         {"input": texts, "model": request.model or default_model}
     )
     spec, data = await service.request_data(inner)
     result = await sparse.sparse_vectors(
-        service, spec, data, prompt_name=request.prompt_name, truncate=request.truncate
+        service,
+        spec,
+        data,
+        prompt_name=request.prompt_name,
+        truncate=request.truncate,
+        truncation_side=side_of(request.truncation_direction),
     )
     return sparse.render_tei(result), result
