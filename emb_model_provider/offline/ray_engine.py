@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from emb_model_provider.offline.base import BulkError, ChunkResult
+from emb_model_provider.offline.base import BulkError, ChunkResult, dense
 from emb_model_provider.offline.job import Summary, check_output, chunks
 from emb_model_provider.offline.local import LocalConfig, LocalEmbedder
 from emb_model_provider.offline.parts import Parts, output_format
@@ -55,6 +55,12 @@ if TYPE_CHECKING:
 
 
 _BLOCK_BYTES = 1024 * 1024
+#: Ray Data carries each batch's vectors as one fixed-shape tensor column, and the driver writes
+#: the parts without the model; ragged (indices, values) pairs are not carried through it.
+_NO_SPARSE = (
+    "{model} gives sparse (SPLADE) vectors, which --engine ray does not carry; embed it with "
+    "the in-process engine or --url"
+)
 
 
 class EncoderActor:
@@ -68,6 +74,9 @@ class EncoderActor:
         error_column: str | None,
     ) -> None:
         self._embedder = LocalEmbedder(config)
+        if self._embedder.sparse:  # a hub model whose task is known only once loaded
+            self._embedder.close()
+            raise BulkError(_NO_SPARSE.format(model=self._embedder.model))
         self._value_column = value_column
         self._id_column = id_column
         self._error_column = error_column
@@ -92,11 +101,12 @@ class EncoderActor:
             for row in range(count)
         ]
         result = self._embedder.embed(records)
+        vectors = dense(result)
         embedding = np.zeros((count, self._embedder.dimensions), dtype=np.float32)
         tokens = np.zeros(count, dtype=np.int64)
         reasons = np.array([""] * count, dtype=object)
         for position, id_ in enumerate(result.ids):
-            embedding[int(id_)] = result.vectors[position]
+            embedding[int(id_)] = vectors[position]
         for id_, reason in result.errors:
             reasons[int(id_)] = reason
         # Tokens per row are not kept by ``embed``; the batch's total goes on its first row.
@@ -175,6 +185,8 @@ def run_ray_job(
             f"{model_spec.name} takes texts and images: embed it with the in-process engine "
             "or --url, not --engine ray"
         )
+    if config.specs()[1].task == "sparse":  # read from a local folder, or stated
+        raise BulkError(_NO_SPARSE.format(model=model_spec.name))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from a batch job
     import ray
     import ray.data
@@ -297,7 +309,7 @@ def _parts(spec: InputSpec, output: Path, model: str, first: ChunkResult, chunk_
         "engine": "ray",
         "input": spec.describe(),
         "model": model,
-        "dimensions": int(first.vectors.shape[1]),
+        "dimensions": int(dense(first).shape[1]),
         "chunk_size": chunk_size,
         "output_format": output_format(output),
     }
