@@ -1,7 +1,7 @@
 """``emb-model-provider embed`` with a sparse (SPLADE) model: the vectors of
 ``SparseEncoder(dir).encode`` (prompts, ``--dimensions`` as top-k, the models file's default) as
-two Parquet list columns, in process and through a live server; ``.npy``, integer encodings and
-``--engine ray`` refused; a resume refuses to mix sparse and dense parts."""
+two Parquet list columns, in process, on Ray and through a live server; ``.npy`` and integer
+encodings refused; a resume refuses to mix sparse and dense parts."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def test_dimensions_is_the_top_k_and_the_models_file_its_default(
         (["-o", "{tmp}/out.npy"], "a .npy array cannot hold"),
         (["-o", "{tmp}/out.parquet", "--encoding-format", "int8"], "written as floats only"),
         (["-o", "{tmp}/out.parquet", "--encoding-format", "ubinary"], "written as floats only"),
-        (["-o", "{tmp}/out.parquet", "--engine", "ray"], "--engine ray does not carry"),
+        (["-o", "{tmp}/out.npy", "--engine", "ray", "--ray-cpus", "2"], "a .npy array cannot"),
     ],
 )
 def test_what_cannot_hold_sparse_vectors_is_refused(
@@ -272,3 +272,28 @@ def test_url_engine_writes_the_servers_pairs(
     _same(_dense_rows(outputs["query"])[1], _library(query))
     _same(_dense_rows(outputs["top5"])[1], _library(reference.encode(TEXTS, max_active_dims=5)))
     assert (pq.read_schema(outputs["top5"]).metadata or {})[b"top_k"] == b"5"
+
+
+def test_ray_engine_equals_the_in_process_engine(
+    splade: Path, models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = tmp_path / "corpus.txt"
+    lines = [*TEXTS[:3], "", *TEXTS[3:]]  # line 4 is empty: an error in both engines
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = ["--model", "splade", "--batch-size", "2", "--dimensions", "7"]
+    on_ray, in_process = tmp_path / "ray.parquet", tmp_path / "local.parquet"
+    assert _embed(source, on_ray, models, *common, "--engine", "ray", "--ray-cpus", "2") == 0
+    assert _embed(source, in_process, models, *common) == 0
+    ray_table, local_table = pq.read_table(on_ray), pq.read_table(in_process)
+    assert ray_table.schema.equals(local_table.schema, check_metadata=True)
+    assert ray_table.column("id").to_pylist() == [str(n) for n in range(1, 9) if n != 4]
+    assert ray_table.column("indices").equals(local_table.column("indices"))
+    ray_rows = _dense_rows(on_ray)[1]
+    _same(ray_rows, _dense_rows(in_process)[1])
+    reference = SparseEncoder(str(splade), device="cpu")
+    _same(ray_rows, _library(reference.encode(TEXTS, max_active_dims=7)))
+    errors = (tmp_path / "ray.parquet.errors.jsonl").read_text(encoding="utf-8")
+    assert errors == '{"id": "4", "error": "the input is empty"}\n'

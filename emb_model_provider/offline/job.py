@@ -63,11 +63,11 @@ def manifest(spec: InputSpec, embedder: Embedder, chunk_size: int, output: Path)
     return found
 
 
-def check_sparse_output(embedder: Embedder, output: Path) -> None:
+def check_sparse_output(model: str, output: Path, *, sparse: bool) -> None:
     """A sparse model's vectors are ragged: Parquet list columns hold them, a .npy array cannot."""
-    if embedder.sparse and output_format(output) != "parquet":
+    if sparse and output_format(output) != "parquet":
         raise BulkError(
-            f"{embedder.model} gives sparse vectors (indices and values of varying length), "
+            f"{model} gives sparse vectors (indices and values of varying length), "
             f"which a {output.suffix} array cannot hold; name the output .parquet"
         )
 
@@ -91,7 +91,7 @@ def run_job(
 ) -> Summary:
     started = time.monotonic()
     check_output(output, overwrite=overwrite)
-    check_sparse_output(embedder, output)
+    check_sparse_output(embedder.model, output, sparse=embedder.sparse)
     parts = Parts.open(output, manifest(spec, embedder, chunk_size, output), resume=not overwrite)
     progress = Progress(count_records(spec), interval_s=progress_interval_s)
     inputs = resumed = tokens = 0
