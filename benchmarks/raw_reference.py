@@ -6,6 +6,7 @@ and prints one JSON object on its last line.
     python benchmarks/raw_reference.py text --model-dir DIR --corpus benchmarks/corpus.jsonl
     python benchmarks/raw_reference.py image --out-dir DIR --n-images 256
     python benchmarks/raw_reference.py rerank --model-dir DIR --pairs pairs.json
+    python benchmarks/raw_reference.py sparse --model-dir DIR --texts texts.json
 """
 
 from __future__ import annotations
@@ -261,6 +262,18 @@ def rerank(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def sparse(args: argparse.Namespace) -> dict[str, Any]:
+    """Texts per second of ``SparseEncoder.encode(texts, batch_size=...)``."""
+    from sentence_transformers import SparseEncoder
+
+    model = SparseEncoder(args.model_dir, device="cpu")
+    texts: list[str] = json.loads(Path(args.texts).read_text())
+    model.encode(texts[: args.batch_size], batch_size=args.batch_size)  # warm, a full batch
+    start = time.perf_counter()
+    model.encode(texts, batch_size=args.batch_size)
+    return {"texts_per_s": len(texts) / (time.perf_counter() - start)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -289,8 +302,18 @@ def main() -> None:
     r = sub.add_parser("rerank")
     r.add_argument("--model-dir", required=True)
     r.add_argument("--pairs", required=True, help="JSON: name -> [[query, document], ...]")
+    s = sub.add_parser("sparse")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--texts", required=True, help="JSON: a list of texts")
+    s.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    kinds = {"text": text, "image": image, "multimodal": multimodal, "rerank": rerank}
+    kinds = {
+        "text": text,
+        "image": image,
+        "multimodal": multimodal,
+        "rerank": rerank,
+        "sparse": sparse,
+    }
     result = kinds[args.kind](args)
     sys.stdout.write(json.dumps(result) + "\n")
 

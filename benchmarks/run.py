@@ -9,6 +9,8 @@
                                                     # another sentence-transformers model directory
     uv run python benchmarks/run.py --family mpnet --scenarios raw,single,bulk,chatty --targets ours
                                                     # a full-size random-weight model of a family
+    uv run python benchmarks/run.py --quick --scenarios sparse --targets ours
+                                                    # a BERT-base SPLADE vs SparseEncoder (~5 min)
 
 Every server is a subprocess on a free 127.0.0.1 port, started and stopped here. The load
 generator is this process (one asyncio loop, a minimal HTTP/1.1 keep-alive client on asyncio
@@ -47,12 +49,13 @@ from bench.scenarios import (
     run_raw,
     run_repeat,
 )
+from bench.sparse import run_sparse, sparse_table
 from bench.system import log, machine, versions
 from bench.targets import Server, make_targets
 
 ALL_SCENARIOS = (
     "raw", "single", "bulk", "chatty", "sweep", "rss", "image", "repeat", "multimodal", "rerank",
-    "accuracy",
+    "sparse", "accuracy",
 )  # fmt: skip
 
 
@@ -295,11 +298,29 @@ def rerank_results(
     }
 
 
-def write_rerank(results: dict[str, Any], run_dir: Path) -> None:
-    if "rerank" in results and "error" not in results["rerank"]:
-        table = rerank_table(results["rerank"])
-        (run_dir / "rerank.md").write_text(table)
-        sys.stdout.write("\n" + table)
+def sparse_results(
+    scenarios: set[str], corpus: list[str], plan: Plan, run_dir: Path
+) -> dict[str, Any]:
+    """The sparse scenarios (``bench/sparse.py``), when asked for."""
+    if "sparse" not in scenarios:
+        return {}
+    log("sparse: a BERT-base-sized SPLADE against raw SparseEncoder.encode")
+    logs = run_dir / "logs"
+    return {
+        "sparse": guarded(
+            "sparse",
+            lambda: run_sparse(corpus, run_dir, logs, rounds=plan.rounds, quick=plan.quick),
+        )
+    }
+
+
+def write_task_tables(results: dict[str, Any], run_dir: Path) -> None:
+    """The rerank and sparse tables (``rerank.md``, ``sparse.md``), for those that ran."""
+    for name, table_of in (("rerank", rerank_table), ("sparse", sparse_table)):
+        if name in results and "error" not in results[name]:
+            table = table_of(results[name])
+            (run_dir / f"{name}.md").write_text(table)
+            sys.stdout.write("\n" + table)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -365,7 +386,12 @@ def main() -> int:
         results["repeat"] = guarded(
             "repeat", lambda: asyncio.run(run_repeat(model_dir, corpus, plan, logs))
         )
-    results.update(rerank_results(scenarios, corpus, plan, run_dir))
+    results.update(
+        {
+            **rerank_results(scenarios, corpus, plan, run_dir),
+            **sparse_results(scenarios, corpus, plan, run_dir),
+        }
+    )
     if args.profile:
         log("profile: py-spy on our server under bulk and chatty")
         results["profile"] = guarded(
@@ -383,7 +409,7 @@ def main() -> int:
     if args.write_docs:
         write_docs(results, table, png if has_png else None)
     sys.stdout.write(table)
-    write_rerank(results, run_dir)
+    write_task_tables(results, run_dir)
     log(f"done in {results['elapsed_s']:.0f} s: {run_dir}")
     return 0
 

@@ -20,7 +20,6 @@ from qdrant_client import QdrantClient, models
 from sentence_transformers import SentenceTransformer, SparseEncoder
 
 from benchmarks.sparse_models import build_splade
-from emb_model_provider.cli import main as cli_main
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions
 from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.encoders.sparse import SparseModel, load_sparse_encoder
@@ -281,7 +280,7 @@ def test_a_sparse_model_is_refused_where_vectors_are_dense(http: httpx.Client) -
     assert wrong.json()["error"]["code"] == "wrong_model_task"
 
 
-# -- bulk: the Batch API carries sparse bodies; the embed command refuses sparse models ----------
+# -- bulk: the Batch API carries sparse bodies (the embed command: tests/test_offline_sparse.py) --
 
 
 def test_batch_api_lines_get_sparse_bodies(server_url: str, splade: Path) -> None:
@@ -303,32 +302,6 @@ def test_batch_api_lines_get_sparse_bodies(server_url: str, splade: Path) -> Non
     ]
     _same(np.stack(rows), _dense(SparseEncoder(str(splade), device="cpu").encode(TEXTS)))
     assert errors["base64"]["status_code"] == 400
-
-
-def test_embed_command_refuses_a_sparse_model(
-    splade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    models = text_models_file(tmp_path / "models.yaml", [{"name": "splade", "source": str(splade)}])
-    source = tmp_path / "texts.txt"
-    source.write_text("one\ntwo\n", encoding="utf-8")
-    output = tmp_path / "out.parquet"
-    code = cli_main(
-        [
-            "embed",
-            str(source),
-            "-o",
-            str(output),
-            "--model",
-            "splade",
-            "--models-file",
-            str(models),
-            "--device",
-            "cpu",
-        ]
-    )
-    assert code == 1
-    assert "dense vectors of embedding models only" in capsys.readouterr().err
-    assert not output.exists()
 
 
 # -- hybrid search in Qdrant (local mode): the docs/integrations.md example -----------------------

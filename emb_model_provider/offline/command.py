@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from emb_model_provider.offline.records import InputSpec
 
 DESCRIPTION = (
-    "Embed a corpus into a Parquet or .npy file, in this process (the model's weights here), "
+    "Embed a corpus into a Parquet or .npy file (a sparse model's vectors: Parquet indices and "
+    "values columns), in this process (the model's weights here), "
     "through a running server (--url) or on a Ray cluster (--engine ray). Inputs: a .txt file "
     "(one input per line), .jsonl ({'id', 'text'} or {'id', 'image'}), .csv or .parquet "
     "(--column), or a directory of images. An interrupted run resumes when run again with the "
@@ -44,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-o", "--output", required=True, help="OUTPUT.parquet, or OUTPUT.npy (+ OUTPUT.ids.jsonl)"
     )
     parser.add_argument("--model", help="model name or alias (default: the default model)")
-    parser.add_argument("--dimensions", help="keep the first N components, re-normalised")
+    parser.add_argument(
+        "--dimensions",
+        help="keep the first N components, re-normalised (a sparse model: its N largest weights)",
+    )
     parser.add_argument(
         "--encoding-format",
         default="float",

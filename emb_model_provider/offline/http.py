@@ -1,7 +1,8 @@
 """The HTTP engine: the same job sent to a running server's ``/v1/embeddings`` (for machines
 without the model), ``batch_size`` inputs per request and ``concurrency`` requests in flight.
 
-Requests ask for base64 (little-endian float32, what the OpenAI SDK asks for). A 400 for a
+Requests ask for base64 (little-endian float32, what the OpenAI SDK asks for); a sparse (SPLADE)
+model's for floats, its vectors coming as ``{"indices", "values"}``. A 400 for a
 request of several inputs is split in halves until the bad input is alone, so one bad input
 becomes one line in the errors file and the rest of its request is still embedded. 429, 5xx and
 transport errors are retried with backoff (``Retry-After`` when the server sends one); a server
@@ -26,10 +27,13 @@ from PIL import Image
 from emb_model_provider.core.vectors import Vectors
 from emb_model_provider.offline.base import BulkError, ChunkResult, empty_vectors
 from emb_model_provider.offline.records import ModelKind, Record
+from emb_model_provider.services.sparse import SparseVector
 
 _RETRIES = 6
 #: One input on the wire: a text, an image reference, or ``{"image": ...}`` (multimodal models).
 WireInput = str | dict[str, str]
+#: One vector from the server: dense, or a sparse model's (indices, values).
+Row = Vectors | SparseVector
 _MAX_BACKOFF_S = 30.0
 
 
@@ -70,36 +74,62 @@ class HttpEmbedder:
         self.model = str(info.get("id") or model)
         modality = info.get("modality", "text")
         self.kind: ModelKind = modality if modality in ("image", "multimodal") else "text"
+        task = info.get("task")
+        if task == "rerank":
+            raise BulkError(
+                f"{self.model} is a reranker; the embed command writes the vectors of embedding "
+                "and sparse (SPLADE) models only"
+            )
+        #: A SPLADE model: its vectors come as {"indices", "values"} (JSON floats only).
+        self.sparse = task == "sparse"
         # The full size (known once the server has loaded the model) bounds --dimensions; the
         # default size is what the server returns without it.
         full = info.get("max_dimensions")
+        self._dimensions: int | None = None  # the probe asks for the default size
+        if not isinstance(full, int):
+            # A models-file entry the server has not loaded yet: one input loads it, and its
+            # answer tells a sparse model (a task read only at load) from a dense one.
+            probe = self._probe()
+            self.sparse = isinstance(probe, SparseVector)
+            info = self._model_info(model)
+            full = info.get("max_dimensions")
+            if not isinstance(full, int):
+                full = None if isinstance(probe, SparseVector) else int(probe.shape[0])
         native = info.get("dimensions")
-        if dimensions is not None and isinstance(full, int) and not 1 <= dimensions <= full:
+        native = native if isinstance(native, int) else full
+        self._dimensions = dimensions
+        if self.sparse:
+            # ``dimensions`` is a top-k, unbounded as on the server; the vocabulary's size is
+            # where the indices fall.
+            if full is None:
+                raise BulkError(f"{self.model}: the server does not say its vocabulary's size")
+            self.dimensions = full
+            default_k = native if native is not None and native < full else None
+            self.top_k: int | None = dimensions or default_k
+            return
+        self.top_k = None
+        if dimensions is not None and full is not None and not 1 <= dimensions <= full:
             raise BulkError(
                 f"--dimensions {dimensions}: {self.model} has {full} dimensions; "
                 f"ask for 1 to {full}"
             )
-        self._dimensions = dimensions
-        if dimensions is None and not isinstance(native, int):
-            # A models-file entry the server has not loaded yet: ask for one vector.
-            native = self._probe_dimensions()
         self.dimensions = dimensions or int(str(native))
 
     def _model_info(self, model: str) -> dict[str, Any]:
         return self._get(f"{self._base}/models/{model}")
 
-    def _probe_dimensions(self) -> int:
+    def _probe(self) -> Vectors | SparseVector:
         if self.kind == "image":
             buffer = io.BytesIO()
             Image.new("RGB", (32, 32), (127, 127, 127)).save(buffer, format="PNG")
             probe = f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
         else:
             probe = "dimensions"
-        try:
-            vectors, _ = self._send([probe])
+        try:  # as JSON floats, which a sparse model answers too
+            vectors, _ = self._send([probe], encoding_format="float")
         except _Refused as exc:
             raise BulkError(f"{self.model}: the server refused a probe input: {exc}") from exc
-        return int(vectors[0].shape[0])
+        return vectors[0]
 
     def _get(self, url: str) -> dict[str, Any]:
         try:
@@ -134,7 +164,7 @@ class HttpEmbedder:
             indices[start : start + self._batch_size]
             for start in range(0, len(indices), self._batch_size)
         ]
-        vectors: dict[int, Vectors] = {}
+        vectors: dict[int, Row] = {}
         tokens = 0
         for group_vectors, group_tokens, group_errors in self._pool.map(
             lambda group: self._send_isolating(group, values), groups
@@ -143,14 +173,13 @@ class HttpEmbedder:
             tokens += group_tokens
             errors.update(group_errors)
         kept = sorted(vectors)
-        stacked = (
-            np.stack([vectors[index] for index in kept]).astype(np.float32)
-            if kept
-            else empty_vectors(self.dimensions)
-        )
+        rows = [vectors[index] for index in kept]
+        pairs = [row for row in rows if isinstance(row, SparseVector)]
+        if self.sparse and len(pairs) != len(rows):
+            raise BulkError(f"{self.model} answered dense vectors where sparse ones were expected")
         return ChunkResult(
             ids=[records[index].id for index in kept],
-            vectors=stacked,
+            vectors=pairs if self.sparse else _stack(rows, self.dimensions),
             tokens=tokens,
             errors=[(records[index].id, errors[index]) for index in sorted(errors)],
         )
@@ -172,7 +201,7 @@ class HttpEmbedder:
 
     def _send_isolating(
         self, group: list[int], values: dict[int, WireInput]
-    ) -> tuple[dict[int, Vectors], int, dict[int, str]]:
+    ) -> tuple[dict[int, Row], int, dict[int, str]]:
         """Embed ``group``; on a 400, halve it until each bad input is alone."""
         try:
             vectors, tokens = self._send([values[index] for index in group])
@@ -185,8 +214,16 @@ class HttpEmbedder:
         right = self._send_isolating(group[middle:], values)
         return {**left[0], **right[0]}, left[1] + right[1], {**left[2], **right[2]}
 
-    def _send(self, inputs: Sequence[WireInput]) -> tuple[list[Vectors], int]:
-        body: dict[str, Any] = {"model": self.model, "input": inputs, "encoding_format": "base64"}
+    def _send(
+        self, inputs: Sequence[WireInput], *, encoding_format: str | None = None
+    ) -> tuple[list[Row], int]:
+        # Sparse vectors are JSON numbers only (the server refuses base64 for them).
+        encoding_format = encoding_format or ("float" if self.sparse else "base64")
+        body: dict[str, Any] = {
+            "model": self.model,
+            "input": inputs,
+            "encoding_format": encoding_format,
+        }
         if self._dimensions is not None:
             body["dimensions"] = self._dimensions
         url = f"{self._base}/embeddings"
@@ -214,14 +251,31 @@ class HttpEmbedder:
         self._client.close()
 
 
-def _decode(body: dict[str, Any], count: int) -> tuple[list[Vectors], int]:
+def _stack(rows: list[Row], dimensions: int) -> Vectors:
+    dense = [row for row in rows if not isinstance(row, SparseVector)]
+    if len(dense) != len(rows):
+        raise BulkError("the server answered sparse vectors where dense ones were expected")
+    if not dense:
+        return empty_vectors(dimensions)
+    stacked: Vectors = np.stack(dense).astype(np.float32)
+    return stacked
+
+
+def _decode(body: dict[str, Any], count: int) -> tuple[list[Row], int]:
     items = sorted(body["data"], key=lambda item: int(item["index"]))
     if len(items) != count:
         raise BulkError(f"the server answered {len(items)} vectors for {count} inputs")
-    vectors: list[Vectors] = []
+    vectors: list[Row] = []
     for item in items:
         embedding = item["embedding"]
-        if isinstance(embedding, str):
+        if isinstance(embedding, dict):  # a sparse model's {"indices", "values"}
+            vectors.append(
+                SparseVector(
+                    np.asarray(embedding["indices"], dtype=np.int64),
+                    np.asarray(embedding["values"], dtype=np.float32),
+                )
+            )
+        elif isinstance(embedding, str):
             vectors.append(np.frombuffer(base64.b64decode(embedding), dtype="<f4").copy())
         else:
             vectors.append(np.asarray(embedding, dtype=np.float32))

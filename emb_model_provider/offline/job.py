@@ -57,7 +57,19 @@ def manifest(spec: InputSpec, embedder: Embedder, chunk_size: int, output: Path)
     precision = getattr(embedder, "precision", None)  # offline/quantized.py
     if precision is not None:  # absent for floats: earlier runs' manifests still match
         found["encoding_format"] = precision
+    if embedder.sparse:  # absent for dense vectors, as above; a resume must not mix the two
+        found["vectors"] = "sparse"
+        found["top_k"] = embedder.top_k
     return found
+
+
+def check_sparse_output(model: str, output: Path, *, sparse: bool) -> None:
+    """A sparse model's vectors are ragged: Parquet list columns hold them, a .npy array cannot."""
+    if sparse and output_format(output) != "parquet":
+        raise BulkError(
+            f"{model} gives sparse vectors (indices and values of varying length), "
+            f"which a {output.suffix} array cannot hold; name the output .parquet"
+        )
 
 
 def check_output(output: Path, *, overwrite: bool) -> None:
@@ -79,6 +91,7 @@ def run_job(
 ) -> Summary:
     started = time.monotonic()
     check_output(output, overwrite=overwrite)
+    check_sparse_output(embedder.model, output, sparse=embedder.sparse)
     parts = Parts.open(output, manifest(spec, embedder, chunk_size, output), resume=not overwrite)
     progress = Progress(count_records(spec), interval_s=progress_interval_s)
     inputs = resumed = tokens = 0

@@ -1,16 +1,18 @@
 """The in-process engine: the registry's encoder in this process, batches cut from each chunk.
 
 Vectors are those the server returns for the same inputs: the same encoder, the same truncation,
-then ``dimensions`` as a re-normalised prefix (``base.unit_prefix``). Images are read from local
-paths, or fetched and decoded as the server does (``services.image_inputs.ImageLoader``: the
-SSRF-safe fetcher, the same byte and pixel caps).
+then ``dimensions`` as a re-normalised prefix (``base.unit_prefix``); a sparse (SPLADE) model's
+rows are cut to their non-zero terms, ``dimensions`` keeping the top k
+(``services.sparse.non_zero``, the server's own). Images are read from local paths, or fetched
+and decoded as the server does (``services.image_inputs.ImageLoader``: the SSRF-safe fetcher,
+the same byte and pixel caps).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from emb_model_provider.encoders.base import (
     LoadOptions,
     PreparedInput,
     PromptedEncoder,
+    RoutedEncoder,
     Vectors,
 )
 from emb_model_provider.encoders.sources import SourceError
@@ -33,6 +36,7 @@ from emb_model_provider.offline.records import ModelKind, Record
 from emb_model_provider.registry import ModelSpec, Registry, build_encoder, default_dimensions
 from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
 from emb_model_provider.services.image_inputs import ImageLoader
+from emb_model_provider.services.sparse import SparseVector, non_zero
 
 
 @dataclass(frozen=True)
@@ -134,12 +138,14 @@ class LocalEmbedder:
             self._encoder: Encoder = build_encoder(weights, options)
         except SourceError as exc:
             raise BulkError(f"cannot load model {self._spec.name}: {exc}") from exc
-        if self._encoder.task != "embed":  # a reranker's scores, a SPLADE model's sparse vectors
+        if self._encoder.task not in ("embed", "sparse"):  # a reranker's scores
             self._encoder.close()
             raise BulkError(
                 f"model {self._spec.name} serves the task {self._encoder.task}; the embed command "
-                "writes the dense vectors of embedding models only"
+                "writes the vectors of embedding and sparse (SPLADE) models only"
             )
+        #: A SPLADE model: (indices, values) pairs, cut to ``top_k`` as the server cuts them.
+        self.sparse = self._encoder.task == "sparse"
         #: The prompt every text gets, as the server gives it: the name's pinned prompt, else
         #: the model's default.
         self._prompt: str | None = None
@@ -151,8 +157,19 @@ class LocalEmbedder:
                     f"model {self._spec.name} pins the prompt {self._spec.prompt_name!r}, which "
                     f"its model does not have ({', '.join(self._encoder.prompts) or 'none'})"
                 ) from exc
+        #: An inference-free SPLADE's route (its Router's), picked by the pinned prompt name as
+        #: the server picks it; None for other models.
+        self._route: str | None = None
+        if isinstance(self._encoder, RoutedEncoder):
+            try:
+                self._route = self._encoder.route(self._spec.prompt_name)
+            except ValueError as exc:
+                raise BulkError(f"model {self._spec.name}: {exc}") from exc
         native = self._encoder.dimensions
-        if config.dimensions is not None and not 1 <= config.dimensions <= native:
+        # A sparse model's dimensions is a top-k, unbounded as on the server (k at or above the
+        # vocabulary keeps every weight).
+        wanted = None if self.sparse else config.dimensions
+        if wanted is not None and not 1 <= wanted <= native:
             raise BulkError(
                 f"--dimensions {config.dimensions}: {self._spec.name} has {native} dimensions; "
                 f"ask for 1 to {native}"
@@ -163,7 +180,9 @@ class LocalEmbedder:
             raise BulkError(f"cannot load model {self._spec.name}: {exc}") from exc
         self.model = self._spec.name
         self.kind: ModelKind = self._spec.modality
-        self.dimensions = config.dimensions or default
+        self.dimensions = native if self.sparse else config.dimensions or default
+        #: The server's ``request.dimensions or spec.dimensions`` (services/embedding_service.py).
+        self.top_k = (config.dimensions or self._spec.dimensions) if self.sparse else None
         self.placement = self._encoder.placement
         self._policy = FetchPolicy(
             allow_urls=config.allow_image_urls,
@@ -193,19 +212,31 @@ class LocalEmbedder:
                 if index not in images or index in loaded
             }
         prepared = self._prepare(data, errors)
-        vectors = self._encode(prepared)
         kept = sorted(prepared)
+        result = ChunkResult(
+            ids=[records[index].id for index in kept],
+            vectors=[],
+            tokens=sum(prepared[index].n_tokens for index in kept),
+            errors=[(records[index].id, errors[index]) for index in sorted(errors)],
+        )
+        if self.sparse:
+            pairs: dict[int, SparseVector] = {}
+            for group, rows in self._encode(prepared):
+                # Each batch's vocabulary-wide rows cut to their terms at once: a chunk's rows
+                # would take 120 KB each (BERT's vocabulary).
+                pairs.update(zip(group, non_zero(rows, self.top_k), strict=True))
+            result.vectors = [pairs[index] for index in kept]
+            return result
+        vectors: dict[int, Vectors] = {}
+        for group, rows in self._encode(prepared):
+            vectors.update(zip(group, rows, strict=True))
         stacked = (
             np.stack([vectors[index] for index in kept])
             if kept
             else empty_vectors(self._encoder.dimensions)
         )
-        return ChunkResult(
-            ids=[records[index].id for index in kept],
-            vectors=unit_prefix(stacked, self.dimensions, normalize=self._spec.normalize),
-            tokens=sum(prepared[index].n_tokens for index in kept),
-            errors=[(records[index].id, errors[index]) for index in sorted(errors)],
-        )
+        result.vectors = unit_prefix(stacked, self.dimensions, normalize=self._spec.normalize)
+        return result
 
     def _image_bytes(
         self, values: dict[int, str | bytes], errors: dict[int, str]
@@ -249,6 +280,10 @@ class LocalEmbedder:
         return {index: data for index, data in results if data is not None}
 
     def _prepare_group(self, values: list[str | bytes]) -> list[PreparedInput]:
+        if self._route is not None and isinstance(self._encoder, RoutedEncoder):
+            return self._encoder.prepare(
+                values, truncate=self._truncate, prompt=self._prompt, route=self._route
+            )
         if self._prompt is not None and isinstance(self._encoder, PromptedEncoder):
             return self._encoder.prepare(values, truncate=self._truncate, prompt=self._prompt)
         return self._encoder.prepare(values, truncate=self._truncate)
@@ -283,16 +318,14 @@ class LocalEmbedder:
     def _truncate(self) -> bool:
         return self._config.truncate
 
-    def _encode(self, prepared: dict[int, PreparedInput]) -> dict[int, Vectors]:
+    def _encode(self, prepared: dict[int, PreparedInput]) -> Iterator[tuple[list[int], Vectors]]:
+        """Each batch's indices and rows."""
         # Longest first, as sentence-transformers' encode: batches of similar lengths pad little.
         order = sorted(prepared, key=lambda index: -prepared[index].n_tokens)
-        vectors: dict[int, Vectors] = {}
         size = self._config.batch_size
         for start in range(0, len(order), size):
             group = order[start : start + size]
-            encoded = self._encoder.encode([prepared[index] for index in group])
-            vectors.update(zip(group, encoded, strict=True))
-        return vectors
+            yield group, self._encoder.encode([prepared[index] for index in group])
 
     def close(self) -> None:
         self._encoder.close()

@@ -9,8 +9,11 @@ the parts the same way (temporary file, then rename), then the parts folder is r
 Output formats, by the output's suffix:
 
 - ``.parquet``: columns ``id`` (string) and ``embedding`` (fixed-size list of float32), with
-  ``model`` and ``dimensions`` in the schema metadata;
-- ``.npy``: a float32 array (rows x dimensions) and ``<stem>.ids.jsonl`` (one JSON id per line).
+  ``model`` and ``dimensions`` in the schema metadata; a sparse model's vectors as two list
+  columns, ``indices`` (int32, ascending) and ``values`` (float32), the metadata adding
+  ``vectors: sparse`` and ``top_k`` (the vocabulary's size is ``dimensions``);
+- ``.npy``: a float32 array (rows x dimensions) and ``<stem>.ids.jsonl`` (one JSON id per line);
+  dense vectors only (sparse ones are ragged).
 
 Inputs that failed go to ``<output>.errors.jsonl``: ``{"id": .., "error": ..}`` per line.
 """
@@ -33,6 +36,7 @@ from emb_model_provider import __version__
 from emb_model_provider.core.quantization import IntVectors
 from emb_model_provider.core.vectors import Vectors
 from emb_model_provider.offline.base import BulkError, ChunkResult
+from emb_model_provider.services.sparse import SparseVector
 
 OutputFormat = Literal["parquet", "npy"]
 MANIFEST = "manifest.json"
@@ -69,12 +73,31 @@ _DTYPES: dict[str, type[np.generic]] = {
 }
 
 
-def schema(dimensions: int, model: str, encoding_format: str = "float") -> pa.Schema:
+def schema(
+    dimensions: int,
+    model: str,
+    encoding_format: str = "float",
+    *,
+    sparse: bool = False,
+    top_k: int | None = None,
+) -> pa.Schema:
     metadata = {
         "model": model,
         "dimensions": str(dimensions),
         "generator": f"emb-model-provider {__version__}",
     }
+    if sparse:
+        metadata["vectors"] = "sparse"
+        if top_k is not None:
+            metadata["top_k"] = str(top_k)
+        return pa.schema(
+            [
+                pa.field("id", pa.string(), nullable=False),
+                pa.field("indices", pa.list_(pa.int32()), nullable=False),
+                pa.field("values", pa.list_(pa.float32()), nullable=False),
+            ],
+            metadata=metadata,
+        )
     if encoding_format != "float":
         metadata["encoding_format"] = encoding_format
     value_type = pa.from_numpy_dtype(_DTYPES[encoding_format])
@@ -89,12 +112,15 @@ def schema(dimensions: int, model: str, encoding_format: str = "float") -> pa.Sc
 
 def table(
     ids: Sequence[str],
-    vectors: Vectors | IntVectors,
+    vectors: Vectors | IntVectors | list[SparseVector],
     *,
     dimensions: int,
     model: str,
     encoding_format: str = "float",
+    top_k: int | None = None,
 ) -> pa.Table:
+    if isinstance(vectors, list):
+        return _sparse_table(ids, vectors, dimensions=dimensions, model=model, top_k=top_k)
     dtype = _DTYPES[encoding_format]
     values = np.ascontiguousarray(vectors, dtype=dtype).reshape(-1)
     flat = pa.array(values, pa.from_numpy_dtype(dtype))
@@ -102,6 +128,33 @@ def table(
     return pa.Table.from_arrays(
         [pa.array(list(ids), pa.string()), embedding],
         schema=schema(dimensions, model, encoding_format),
+    )
+
+
+def _sparse_table(
+    ids: Sequence[str],
+    vectors: list[SparseVector],
+    *,
+    dimensions: int,
+    model: str,
+    top_k: int | None,
+) -> pa.Table:
+    lengths = np.fromiter((len(vector.indices) for vector in vectors), np.int32, len(vectors))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), pa.int32())
+
+    def flat(parts: list[np.ndarray[Any, Any]], dtype: type[np.generic]) -> pa.Array:
+        joined = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+        return pa.array(joined, pa.from_numpy_dtype(dtype))
+
+    indices = flat([vector.indices for vector in vectors], np.int32)
+    values = flat([vector.values for vector in vectors], np.float32)
+    return pa.Table.from_arrays(
+        [
+            pa.array(list(ids), pa.string()),
+            pa.ListArray.from_arrays(offsets, indices),
+            pa.ListArray.from_arrays(offsets, values),
+        ],
+        schema=schema(dimensions, model, sparse=True, top_k=top_k),
     )
 
 
@@ -123,6 +176,9 @@ class Parts:
         self.dimensions = int(manifest["dimensions"])
         self.model = str(manifest["model"])
         self.encoding_format = str(manifest.get("encoding_format", "float"))
+        self.sparse = manifest.get("vectors") == "sparse"
+        top_k = manifest.get("top_k")
+        self.top_k = int(top_k) if top_k is not None else None
 
     @classmethod
     def open(cls, output: Path, manifest: dict[str, Any], *, resume: bool) -> Parts:
@@ -163,6 +219,7 @@ class Parts:
             dimensions=self.dimensions,
             model=self.model,
             encoding_format=self.encoding_format,
+            top_k=self.top_k,
         )
         metadata = {
             **(data.schema.metadata or {}),
@@ -190,7 +247,13 @@ class Parts:
         errors = [error for info in infos if info is not None for error in info.errors]
         tables = (pq.read_table(self.part_path(index)) for index in indices)
         if output_format(self.output) == "parquet":
-            target = schema(self.dimensions, self.model, self.encoding_format)
+            target = schema(
+                self.dimensions,
+                self.model,
+                self.encoding_format,
+                sparse=self.sparse,
+                top_k=self.top_k,
+            )
             _write_parquet(self.output, tables, target)
         else:
             dtype = _DTYPES[self.encoding_format]

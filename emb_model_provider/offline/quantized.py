@@ -12,7 +12,7 @@ import numpy as np
 
 from emb_model_provider.core.kinds import Quantization
 from emb_model_provider.core.quantization import Ranges, quantize, ranges_of
-from emb_model_provider.offline.base import BulkError, ChunkResult, Embedder
+from emb_model_provider.offline.base import BulkError, ChunkResult, Embedder, dense
 from emb_model_provider.offline.records import ModelKind, Record
 
 
@@ -23,7 +23,14 @@ class QuantizingEmbedder:
     def __init__(
         self, inner: Embedder, precision: Quantization, calibration: Sequence[str]
     ) -> None:
+        if inner.sparse:  # as the server's encoding_format (services/sparse.refuse_encoding)
+            raise BulkError(
+                f"{inner.model} gives sparse vectors ({{indices, values}}), written as floats "
+                f"only: --encoding-format {precision} is not available for it"
+            )
         self._inner = inner
+        self.sparse = False
+        self.top_k: int | None = None
         self.model: str = inner.model
         self.kind: ModelKind = inner.kind
         self.precision: Quantization = precision
@@ -41,7 +48,7 @@ class QuantizingEmbedder:
             result = inner.embed(records)
             if result.errors:
                 raise BulkError(f"calibration text {result.errors[0][0]}: {result.errors[0][1]}")
-            self._ranges = ranges_of(result.vectors.astype(np.float32, copy=False))
+            self._ranges = ranges_of(dense(result).astype(np.float32, copy=False))
         binary = precision in ("binary", "ubinary")
         self.dimensions = (inner.dimensions + 7) // 8 if binary else inner.dimensions
 
@@ -50,7 +57,7 @@ class QuantizingEmbedder:
         return ChunkResult(
             ids=result.ids,
             vectors=quantize(
-                result.vectors.astype(np.float32, copy=False), self.precision, self._ranges
+                dense(result).astype(np.float32, copy=False), self.precision, self._ranges
             ),
             tokens=result.tokens,
             errors=result.errors,

@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from emb_model_provider.offline.base import BulkError, ChunkResult
-from emb_model_provider.offline.job import Summary, check_output, chunks
+from emb_model_provider.core.vectors import Vectors
+from emb_model_provider.offline.base import BulkError, ChunkResult, dense
+from emb_model_provider.offline.job import Summary, check_output, check_sparse_output, chunks
 from emb_model_provider.offline.local import LocalConfig, LocalEmbedder
 from emb_model_provider.offline.parts import Parts, output_format
 from emb_model_provider.offline.progress import Progress
@@ -49,6 +50,7 @@ from emb_model_provider.offline.records import (
     count_records,
     read_records,
 )
+from emb_model_provider.services.sparse import SparseVector
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -92,21 +94,38 @@ class EncoderActor:
             for row in range(count)
         ]
         result = self._embedder.embed(records)
-        embedding = np.zeros((count, self._embedder.dimensions), dtype=np.float32)
         tokens = np.zeros(count, dtype=np.int64)
         reasons = np.array([""] * count, dtype=object)
-        for position, id_ in enumerate(result.ids):
-            embedding[int(id_)] = result.vectors[position]
         for id_, reason in result.errors:
             reasons[int(id_)] = reason
         # Tokens per row are not kept by ``embed``; the batch's total goes on its first row.
         if count:
             tokens[0] = result.tokens
+        columns = {"id": np.array(ids, dtype=object), "error": reasons, "tokens": tokens}
+        if isinstance(result.vectors, list):
+            return {**columns, **self._sparse_columns(result.ids, result.vectors, count)}
+        embedding = np.zeros((count, self._embedder.dimensions), dtype=np.float32)
+        for position, id_ in enumerate(result.ids):
+            embedding[int(id_)] = result.vectors[position]
+        return {**columns, "embedding": embedding}
+
+    def _sparse_columns(
+        self, kept: list[str], vectors: list[SparseVector], count: int
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Indices and values as Python lists, which Ray Data stores as Arrow list columns
+        (ragged numpy rows would become its tensor extension type); a failed row's are empty.
+        ``dimensions`` (the vocabulary's size, on every row) is for the driver's manifest."""
+        indices = np.empty(count, dtype=object)
+        values = np.empty(count, dtype=object)
+        for row in range(count):
+            indices[row], values[row] = [], []
+        for position, id_ in enumerate(kept):
+            indices[int(id_)] = vectors[position].indices.tolist()
+            values[int(id_)] = vectors[position].values.tolist()
         return {
-            "id": np.array(ids, dtype=object),
-            "embedding": embedding,
-            "error": reasons,
-            "tokens": tokens,
+            "indices": indices,
+            "values": values,
+            "dimensions": np.full(count, self._embedder.dimensions, dtype=np.int64),
         }
 
 
@@ -122,7 +141,9 @@ def embed_dataset(
     gpus_per_actor: float = 0.0,
 ) -> Dataset:
     """``ds`` with columns id, embedding (float32, ``dimensions`` long), error ("" or why the row
-    failed; its embedding is zeros) and tokens (per batch, on its first row)."""
+    failed; its embedding is zeros) and tokens (per batch, on its first row). A sparse (SPLADE)
+    model's rows have indices and values (lists; empty for a failed row) and dimensions (the
+    vocabulary's size) instead of embedding."""
     from ray.data import ActorPoolStrategy
 
     pool = actors or default_actors(cpus_per_actor, gpus_per_actor)
@@ -175,6 +196,8 @@ def run_ray_job(
             f"{model_spec.name} takes texts and images: embed it with the in-process engine "
             "or --url, not --engine ray"
         )
+    # Before Ray starts when the files say the model is sparse (a hub model: at its first batch).
+    check_sparse_output(model_spec.name, output, sparse=config.specs()[1].task == "sparse")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from a batch job
     import ray
     import ray.data
@@ -221,7 +244,7 @@ def run_ray_job(
             ):
                 result = _result(batch)
                 if parts is None:
-                    parts = _parts(spec, output, model_spec.name, result, chunk_size)
+                    parts = _parts(spec, output, config, result, chunk_size, batch=batch)
                 parts.write(index, result, len(batch["id"]))
                 inputs += len(batch["id"])
                 tokens += result.tokens
@@ -230,15 +253,10 @@ def run_ray_job(
             progress.close()
         if parts is None:
             dims = config.dimensions or model_spec.dimensions
-            if dims is None:
+            if dims is None or config.specs()[1].task == "sparse":
                 raise BulkError("the input is empty and the model's dimensions are unknown")
-            parts = _parts(
-                spec,
-                output,
-                model_spec.name,
-                ChunkResult([], np.zeros((0, dims), np.float32), 0),
-                chunk_size,
-            )
+            empty = ChunkResult([], np.zeros((0, dims), np.float32), 0)
+            parts = _parts(spec, output, config, empty, chunk_size)
         rows, errors = parts.finish()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -282,23 +300,52 @@ def _result(batch: dict[str, np.ndarray[Any, Any]]) -> ChunkResult:
     ids = [str(id_) for id_ in batch["id"]]
     reasons = [str(reason) for reason in batch["error"]]
     good = [row for row, reason in enumerate(reasons) if not reason]
-    vectors = np.asarray(batch["embedding"], dtype=np.float32)
+    vectors: Vectors | list[SparseVector]
+    if "indices" in batch:  # a sparse model's (``EncoderActor._sparse_columns``)
+        vectors = [
+            SparseVector(
+                np.asarray(batch["indices"][row], dtype=np.int64),
+                np.asarray(batch["values"][row], dtype=np.float32),
+            )
+            for row in good
+        ]
+    else:
+        vectors = np.ascontiguousarray(np.asarray(batch["embedding"], dtype=np.float32)[good])
     return ChunkResult(
         ids=[ids[row] for row in good],
-        vectors=np.ascontiguousarray(vectors[good]),
+        vectors=vectors,
         tokens=int(np.asarray(batch["tokens"]).sum()),
         errors=[(ids[row], reason) for row, reason in enumerate(reasons) if reason],
     )
 
 
-def _parts(spec: InputSpec, output: Path, model: str, first: ChunkResult, chunk_size: int) -> Parts:
-    manifest = {
+def _parts(
+    spec: InputSpec,
+    output: Path,
+    config: LocalConfig,
+    first: ChunkResult,
+    chunk_size: int,
+    *,
+    batch: dict[str, np.ndarray[Any, Any]] | None = None,
+) -> Parts:
+    """The parts of the job, named by its first batch (a sparse model's carries the
+    vocabulary's size, ``EncoderActor._sparse_columns``)."""
+    model = config.spec()
+    vocabulary = (
+        int(batch["dimensions"][0]) if batch is not None and "dimensions" in batch else None
+    )
+    manifest: dict[str, Any] = {
         "version": 1,
         "engine": "ray",
         "input": spec.describe(),
-        "model": model,
-        "dimensions": int(first.vectors.shape[1]),
+        "model": model.name,
+        "dimensions": vocabulary or int(dense(first).shape[1]),
         "chunk_size": chunk_size,
         "output_format": output_format(output),
     }
+    if vocabulary is not None:
+        check_sparse_output(model.name, output, sparse=True)
+        manifest["vectors"] = "sparse"
+        # The top-k as the in-process engine's (``LocalEmbedder.top_k``).
+        manifest["top_k"] = config.dimensions or model.dimensions
     return Parts.open(output, manifest, resume=False)
