@@ -335,6 +335,21 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
+def _report(args: argparse.Namespace, results: dict[str, Any], run_dir: Path) -> None:
+    """The run's tables: the embeddings table (``table.md``, printed, and docs/benchmarks.md
+    with ``--write-docs``) only when one of its scenarios ran; rerank and sparse keep their own."""
+    if args.scenario_set - {"rerank", "sparse"}:
+        table = build_table(results)
+        (run_dir / "table.md").write_text(table)
+        png = run_dir / "benchmarks.png"
+        servers = results["servers"].values()
+        has_png = plot(results, png) if any(s.get("sweep") for s in servers) else False
+        if args.write_docs:
+            write_docs(results, table, png if has_png else None)
+        sys.stdout.write(table)
+    write_task_tables(results, run_dir)
+
+
 def main() -> int:
     args = parse_args()
     if args.from_results:
@@ -400,16 +415,7 @@ def main() -> int:
     results["loadavg_end"] = os.getloadavg()
     results["elapsed_s"] = time.perf_counter() - t0
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    table = build_table(results)
-    (run_dir / "table.md").write_text(table)
-    png = run_dir / "benchmarks.png"
-    has_png = (
-        plot(results, png) if any(s.get("sweep") for s in results["servers"].values()) else False
-    )
-    if args.write_docs:
-        write_docs(results, table, png if has_png else None)
-    sys.stdout.write(table)
-    write_task_tables(results, run_dir)
+    _report(args, results, run_dir)
     log(f"done in {results['elapsed_s']:.0f} s: {run_dir}")
     return 0
 
