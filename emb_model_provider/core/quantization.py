@@ -6,6 +6,10 @@
 - int8 / uint8: 256 buckets per dimension between fixed ``ranges`` (min and max per dimension),
   clipped. The ranges come from a calibration set, never from the batch being quantised, so a
   text gets the same integers alone and in any batch.
+
+The set (``data/calibration_texts.txt``) is typical input, since ranges should cover what users
+send; the precision gate of ``encoders/fast.py`` has its own (``encoders/calibration.json``) of
+hard cases (512-token texts, URLs, code), which would stretch these ranges for nothing.
 """
 
 from __future__ import annotations

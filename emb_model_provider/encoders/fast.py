@@ -12,9 +12,11 @@ both the faster and the more accurate. So the candidates, fastest first, are:
 - ``openvino-float32`` (OpenVINO's own fused kernels, about 1.7x here);
 - ``torch-bfloat16`` where OpenVINO is not installed (the ``fast`` extra) and the CPU has BF16.
 
-Each is judged by the gate: the calibration texts (``calibration.json``, shipped with the package)
-are encoded by float32 torch and by the candidate, and the candidate is kept only if the least
-cosine between the two is at least ``min_cosine``. The first candidate that passes serves; if none
+Each is judged by the gate: the calibration texts (``calibration.json``, shipped with the package:
+hard cases, up to 512 tokens, where a low-precision path drifts first; the int8 ranges of
+``core/quantization.py`` use a set of typical texts instead) are encoded by float32 torch and by
+the candidate, and the candidate is kept only if the least cosine between the two is at least
+``min_cosine``. The first candidate that passes serves; if none
 does, float32 serves and the reason is logged and reported. The OpenVINO model (converted from the
 loaded torch model, or read as it is from a directory that ships ``openvino/openvino_model.xml``
 or ``onnx/model.onnx``) and the measured cosines are cached under ``export_dir``, keyed by the
