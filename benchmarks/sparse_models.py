@@ -119,7 +119,7 @@ def build_csr(
             width = dense_out
         autoencoder = SparseAutoEncoder(width, hidden_dim=hidden_dim, k=k, normalize=normalize)
         with torch.no_grad():
-            autoencoder.encoder.weight.normal_()
+            cast(torch.nn.Linear, autoencoder.encoder).weight.normal_()
             autoencoder.pre_bias.normal_(std=0.5)
             autoencoder.latent_bias.normal_(std=0.5)
         encoder = SparseEncoder(
