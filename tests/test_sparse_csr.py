@@ -344,25 +344,49 @@ def _parquet_rows(output: Path) -> npt.NDArray[np.float32]:
     return rows
 
 
-@pytest.mark.parametrize("flags", [(), ("--dimensions", "40")])
-def test_embed_command(
-    csr_norm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...]
-) -> None:
-    for key in list(os.environ):  # none of the developer's EMB_PROVIDER_*
+@pytest.fixture
+def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The texts as JSON lines; none of the developer's EMB_PROVIDER_*, one torch thread."""
+    for key in list(os.environ):
         if key.startswith(ENV_PREFIX):
             monkeypatch.delenv(key)
     monkeypatch.setenv(f"{ENV_PREFIX}NUM_THREADS", "1")
+    source = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"id": f"doc-{i}", "text": text}) for i, text in enumerate(TEXTS)]
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return source
+
+
+@pytest.mark.parametrize("flags", [(), ("--dimensions", "40")])
+def test_embed_command(
+    csr_norm: Path, corpus: Path, tmp_path: Path, flags: tuple[str, ...]
+) -> None:
     models = text_models_file(
         tmp_path / "models.yaml", [{"name": "csr-norm", "source": str(csr_norm)}]
     )
-    source = tmp_path / "corpus.jsonl"
-    source.write_text(
-        "".join(
-            json.dumps({"id": f"doc-{i}", "text": text}) + "\n" for i, text in enumerate(TEXTS)
-        ),
-        encoding="utf-8",
-    )
     output = tmp_path / "csr.parquet"
-    args = ["embed", str(source), "-o", str(output), "--models-file", str(models)]
-    assert main([*args, "--device", "cpu", "--model", "csr-norm", *flags]) == 0
+    args = ["embed", str(corpus), "-o", str(output), "--models-file", str(models)]
+    assert main([*args, "--device", "cpu", "--model", "csr-norm", "--batch-size", "2", *flags]) == 0
     _same(_parquet_rows(output), _library(csr_norm, k=40 if flags else None))
+
+
+@pytest.mark.parametrize(
+    ("flags", "k"), [(("--model", "csr-top40"), 40), (("--model", "csr", "--dimensions", "60"), 60)]
+)
+def test_embed_command_through_the_server(
+    server_url: str, csr: Path, corpus: Path, tmp_path: Path, *, flags: tuple[str, ...], k: int
+) -> None:
+    output = tmp_path / "remote.parquet"
+    args = ["embed", str(corpus), "-o", str(output), "--url", server_url, "--batch-size", "2"]
+    assert main([*args, *flags]) == 0
+    _same(_parquet_rows(output), _library(csr, k=k))
+    assert (pq.read_schema(output).metadata or {})[b"top_k"] == str(k).encode()
+
+
+def test_embed_command_refuses_a_k_above_the_latents(
+    csr: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = text_models_file(tmp_path / "models.yaml", [{"name": "csr", "source": str(csr)}])
+    args = ["embed", str(corpus), "-o", str(tmp_path / "out.parquet"), "--models-file", str(models)]
+    assert main([*args, "--device", "cpu", "--model", "csr", "--dimensions", "257"]) != 0
+    assert "ask for 1 to 256" in capsys.readouterr().err
