@@ -5,7 +5,6 @@ server."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,6 @@ from sentence_transformers import SentenceTransformer, SparseEncoder
 
 from benchmarks.sparse_models import build_splade
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions
-from emb_model_provider.encoders.sources import SourceError
 from emb_model_provider.encoders.sparse import SparseModel, load_sparse_encoder
 from emb_model_provider.encoders.tasks import detect_task
 from tests.conftest import DEFAULT_MODEL
@@ -128,15 +126,6 @@ def test_prompts_and_max_active_dims_as_the_library(
     assert ((expected != 0).sum(axis=1) == 40).all()
     if prompt_name == "query":  # the prompt changes the vectors
         assert not np.allclose(ours, _ours(encoder, TEXTS, None))
-
-
-def test_a_csr_model_is_refused_by_name(splade: Path, tmp_path: Path) -> None:
-    copy = Path(shutil.copytree(splade, tmp_path / "csr"))
-    modules = json.loads((copy / "modules.json").read_text(encoding="utf-8"))
-    modules[1]["type"] = "sentence_transformers.sparse_encoder.modules.SparseAutoEncoder"
-    (copy / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
-    with pytest.raises(SourceError, match="CSR model"):
-        load_sparse_encoder(str(copy), revision=None, max_input_tokens=None, options=CPU)
 
 
 # -- the live server ----------------------------------------------------------------------------

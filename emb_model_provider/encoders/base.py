@@ -220,3 +220,20 @@ class RerankEncoder(Protocol):
     def activate(self, logits: Vectors) -> Vectors:
         """The model's activation on ``logits`` (what ``CrossEncoder.predict`` returns)."""
         ...
+
+
+@runtime_checkable
+class LatentSparseEncoder(Protocol):
+    """A sparse encoder whose rows (what the batcher merges and the result cache holds) are
+    latents that each request's top-k makes into its vectors: a CSR model, whose top-k is its
+    autoencoder's, so that a larger k gives more non-zero terms. ``dimensions``: the latents'."""
+
+    task: Task
+    dimensions: int
+    #: The top-k a request that names none gets (the model's saved ``max_active_dims``).
+    max_active_dims: int
+
+    def sparsify(self, rows: Vectors, k: int | None) -> Vectors:
+        """``rows`` as the model's vectors with top-``k`` (None: ``max_active_dims``): the
+        others zero. ``k`` is at most ``dimensions``."""
+        ...

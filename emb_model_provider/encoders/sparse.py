@@ -33,7 +33,8 @@ and the result cache take them as they take dense vectors (the cache is bounded 
 sparse model's ~120 KB entries make it hold fewer, never more memory). The service turns each row
 into its (indices, values) pairs after the cache.
 
-CSR models (``SparseAutoEncoder``) are refused at load by name.
+CSR models (a dense pipeline, then a ``SparseAutoEncoder``) are loaded by ``encoders/csr.py``; a
+``SparseAutoEncoder`` anywhere else (not last, or in a Router's route) is refused by name.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 from emb_model_provider.core.errors import ContextLengthExceeded
 from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
+from emb_model_provider.encoders.csr import CsrModel, is_csr, load_csr_encoder
 from emb_model_provider.encoders.runtime import (
     load_pretrained,
     oom_releases_cache,
@@ -86,10 +88,14 @@ _CPU_PAD_SHARE = 0.10
 #: with ``transformer_task: fill-mask``; earlier ones an ``MLMTransformer``).
 _SPLADE = (("MLMTransformer", "SpladePooling"), ("Transformer", "SpladePooling"))
 _STATIC = ("SparseStaticEmbedding",)
-_REFUSED = {"SparseAutoEncoder": "a CSR model (SparseAutoEncoder over a dense embedder)"}
+_REFUSED = {
+    "SparseAutoEncoder": "a SparseAutoEncoder that is not the model's last module (CSR models "
+    "are served as a dense pipeline, then a SparseAutoEncoder)"
+}
 _SERVED = (
-    "MLMTransformer + SpladePooling (SPLADE), or a Router whose routes are each that or a "
-    "SparseStaticEmbedding (inference-free SPLADE)"
+    "MLMTransformer + SpladePooling (SPLADE), a Router whose routes are each that or a "
+    "SparseStaticEmbedding (inference-free SPLADE), or a dense pipeline then a "
+    "SparseAutoEncoder (CSR)"
 )
 #: The tasks of ``encode_query`` and ``encode_document``: a request's prompt name of these
 #: selects that task's route; any other name is ``encode``'s (no task).
@@ -617,12 +623,17 @@ def load_sparse_encoder(
     revision: str | None,
     max_input_tokens: int | None,
     options: LoadOptions,
-) -> SparseModel:
-    """Load a sentence-transformers ``SparseEncoder`` directory (SPLADE, or an inference-free
-    SPLADE's Router). ``max_input_tokens`` (a models-file entry's) overrides the saved lengths."""
+) -> SparseModel | CsrModel:
+    """Load a sentence-transformers ``SparseEncoder`` directory (SPLADE, an inference-free
+    SPLADE's Router, or a CSR model). ``max_input_tokens`` (a models-file entry's) overrides the
+    saved lengths."""
     model_dir = resolve_source(
         source, revision=revision, token=options.hf_token, cache_dir=options.cache_dir
     )
+    if is_csr(model_dir):
+        return load_csr_encoder(
+            source, revision=revision, max_input_tokens=max_input_tokens, options=options
+        )
     settings = _read_json(model_dir / "config_sentence_transformers.json")
     device, dtype = torch_runtime(options)
     routes, router = _routes(

@@ -69,6 +69,8 @@ _FEATURES: tuple[Feature, ...] = ("token_embeddings", "sentence_embedding")
 #: The ``model_type`` of a saved sentence-transformers model this loader serves (older saves
 #: have none, which sentence-transformers reads as this).
 SENTENCE_TRANSFORMER = "SentenceTransformer"
+#: The ``model_type`` of a saved ``SparseEncoder`` (a CSR model's dense modules are read here).
+SPARSE_ENCODER = "SparseEncoder"
 
 #: Transformer keys (``sentence_bert_config.json``) that change vectors and are not served,
 #: with the value that is served; anything else set fails the load by name.
@@ -146,8 +148,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_sentence_config(model_dir: Path) -> SentenceConfig:
-    prompts, default_prompt = _read_prompts(model_dir)
+def read_sentence_config(model_dir: Path, *, sparse_head: str | None = None) -> SentenceConfig:
+    """What ``model_dir``'s saved modules say. ``sparse_head``: the directory is a
+    ``SparseEncoder`` whose last module is of that kind (a CSR model's ``SparseAutoEncoder``),
+    run by the caller on the sentence embedding of the modules before it, read here."""
+    prompts, default_prompt = _read_prompts(
+        model_dir, model_type=SPARSE_ENCODER if sparse_head else SENTENCE_TRANSFORMER
+    )
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():  # a plain transformers checkpoint
         return SentenceConfig(
@@ -159,6 +166,8 @@ def read_sentence_config(model_dir: Path) -> SentenceConfig:
         raise SourceError(f"cannot read {modules_file}: {exc}") from exc
     if not isinstance(modules, list):
         raise SourceError(f"{modules_file} is not a list of modules")
+    if sparse_head is not None:
+        modules = _without_head(modules, sparse_head, modules_file)
     transformer_dir = model_dir
     max_seq_length: int | None = None
     do_lower_case = False
@@ -227,6 +236,14 @@ def read_sentence_config(model_dir: Path) -> SentenceConfig:
     )
 
 
+def _without_head(modules: list[Any], head: str, modules_file: Path) -> list[Any]:
+    """``modules`` without their last, which must be a ``head``."""
+    last = modules[-1] if modules else None
+    if not isinstance(last, dict) or not str(last.get("type", "")).endswith(f".{head}"):
+        raise SourceError(f"{modules_file}: the last module is not a {head}")
+    return modules[:-1]
+
+
 def _transformer_config(path: Path) -> tuple[int | None, bool]:
     """``max_seq_length`` and ``do_lower_case`` of a Transformer module, once its other keys
     are known to be served."""
@@ -291,16 +308,22 @@ def _check_text_modality(config: dict[str, Any], config_file: Path) -> None:
         )
 
 
-def _read_prompts(model_dir: Path) -> tuple[dict[str, str], str | None]:
+def _read_prompts(
+    model_dir: Path, *, model_type: str = SENTENCE_TRANSFORMER
+) -> tuple[dict[str, str], str | None]:
     config_file = model_dir / "config_sentence_transformers.json"
     if not config_file.is_file():
         return {}, None
     config = _read_json(config_file)
-    model_type = config.get("model_type", SENTENCE_TRANSFORMER)
-    if model_type != SENTENCE_TRANSFORMER:
+    saved_type = config.get("model_type", model_type)
+    if saved_type != model_type:
         raise SourceError(
-            f"{config_file}: model_type {json.dumps(model_type)} is not a {SENTENCE_TRANSFORMER} "
-            "embedding model (sentence-transformers would drop its head and mean-pool it)"
+            f"{config_file}: model_type {json.dumps(saved_type)} is not a {model_type} "
+            + (
+                "embedding model (sentence-transformers would drop its head and mean-pool it)"
+                if model_type == SENTENCE_TRANSFORMER
+                else "model"
+            )
         )
     raw = config.get("prompts") or {}
     if not isinstance(raw, dict):

@@ -48,6 +48,10 @@ def _transformer_configs(model_dir: Path) -> list[dict[str, Any]]:
     return configs
 
 
+#: Modules only a ``SparseEncoder`` has (a save without ``model_type`` is known by them).
+_SPARSE_MODULES = (".SpladePooling", ".SparseStaticEmbedding", ".Router", ".SparseAutoEncoder")
+
+
 def _has_module(model_dir: Path, suffixes: tuple[str, ...]) -> bool:
     """``modules.json`` lists a module whose type ends with one of ``suffixes``."""
     try:
@@ -69,7 +73,7 @@ def detect_task(model_dir: Path) -> Task:
         return "embed"
     if st_type == "SparseEncoder":
         return "sparse"
-    if _has_module(model_dir, (".SpladePooling", ".SparseStaticEmbedding", ".Router")):
+    if _has_module(model_dir, _SPARSE_MODULES):
         return "sparse"
     if any(
         config.get("transformer_task") == "sequence-classification"

@@ -367,13 +367,16 @@ def load_text_encoder(
     options: LoadOptions,
     prompts: Mapping[str, str] | None = None,
     default_prompt_name: str | None = None,
+    sparse_head: str | None = None,
 ) -> TextEncoder:
     """Load a sentence-transformers (or plain transformers) text model. ``pooling``,
-    ``prompts`` and ``default_prompt_name`` (a models-file entry's) override the saved ones."""
+    ``prompts`` and ``default_prompt_name`` (a models-file entry's) override the saved ones.
+    ``sparse_head``: a ``SparseEncoder`` ending with a module of that kind, whose modules before
+    it are loaded here (``read_sentence_config``; the caller runs the head)."""
     model_dir = resolve_source(
         source, revision=revision, token=options.hf_token, cache_dir=options.cache_dir
     )
-    config = read_sentence_config(model_dir)
+    config = read_sentence_config(model_dir, sparse_head=sparse_head)
     trust = options.trust_remote_code
     if not trust:
         refuse_custom_code(config.transformer_dir)

@@ -3,7 +3,7 @@
 Vectors are those the server returns for the same inputs: the same encoder, the same truncation,
 then ``dimensions`` as a re-normalised prefix (``base.unit_prefix``); a sparse (SPLADE) model's
 rows are cut to their non-zero terms, ``dimensions`` keeping the top k
-(``services.sparse.non_zero``, the server's own). Images are read from local paths, or fetched
+(``services.sparse.vectors_of``, the server's own). Images are read from local paths, or fetched
 and decoded as the server does (``services.image_inputs.ImageLoader``: the SSRF-safe fetcher,
 the same byte and pixel caps).
 """
@@ -36,7 +36,7 @@ from emb_model_provider.offline.records import ModelKind, Record
 from emb_model_provider.registry import ModelSpec, Registry, build_encoder, default_dimensions
 from emb_model_provider.security.fetch import FetchPolicy, ImageFetcher
 from emb_model_provider.services.image_inputs import ImageLoader
-from emb_model_provider.services.sparse import SparseVector, non_zero
+from emb_model_provider.services.sparse import SparseVector, check_top_k, vectors_of
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,10 @@ class LocalEmbedder:
         self.dimensions = native if self.sparse else config.dimensions or default
         #: The server's ``request.dimensions or spec.dimensions`` (services/embedding_service.py).
         self.top_k = (config.dimensions or self._spec.dimensions) if self.sparse else None
+        try:  # a CSR model's top-k is at most its latents, as on the server
+            check_top_k(self._spec.name, self._encoder, self.top_k)
+        except InvalidRequest as exc:
+            raise BulkError(f"--dimensions {self.top_k}: {exc}") from exc
         self.placement = self._encoder.placement
         self._policy = FetchPolicy(
             allow_urls=config.allow_image_urls,
@@ -224,7 +228,7 @@ class LocalEmbedder:
             for group, rows in self._encode(prepared):
                 # Each batch's vocabulary-wide rows cut to their terms at once: a chunk's rows
                 # would take 120 KB each (BERT's vocabulary).
-                pairs.update(zip(group, non_zero(rows, self.top_k), strict=True))
+                pairs.update(zip(group, vectors_of(self._encoder, rows, self.top_k), strict=True))
             result.vectors = [pairs[index] for index in kept]
             return result
         vectors: dict[int, Vectors] = {}

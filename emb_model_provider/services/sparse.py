@@ -5,7 +5,9 @@ batcher), then each vocabulary-wide row cut to its non-zero terms.
 A vector is its non-zero terms, indices ascending, with their weights: Qdrant's and Pinecone's
 ``{"indices", "values"}`` on /v1/embeddings, TEI's ``[{"index", "value"}]`` on /embed_sparse.
 ``top_k`` (the request's ``dimensions``) keeps the k largest weights, as the library's
-``max_active_dims`` does.
+``max_active_dims`` does. A CSR model's rows are its autoencoder's latents, whatever the k (so the
+batcher merges and the cache shares requests of different k): ``vectors_of`` applies the
+request's k there (``LatentSparseEncoder.sparsify``), as ``encode(max_active_dims=k)`` does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import orjson
 
 from emb_model_provider.core.errors import InvalidRequest
 from emb_model_provider.core.kinds import TruncationSide
-from emb_model_provider.encoders.base import EncoderInput, Vectors
+from emb_model_provider.encoders.base import Encoder, EncoderInput, LatentSparseEncoder, Vectors
 from emb_model_provider.registry import ModelSpec
 
 if TYPE_CHECKING:  # the service imports this module to route sparse models here
@@ -72,6 +74,28 @@ def non_zero(rows: Vectors, top_k: int | None) -> list[SparseVector]:
     return vectors
 
 
+def vectors_of(encoder: Encoder, rows: Vectors, top_k: int | None) -> list[SparseVector]:
+    """``rows`` as ``encoder`` computed them, made the sparse vectors of ``top_k``."""
+    if isinstance(encoder, LatentSparseEncoder):
+        return non_zero(encoder.sparsify(rows, top_k), None)
+    return non_zero(rows, top_k)
+
+
+def check_top_k(name: str, encoder: Encoder, top_k: int | None) -> None:
+    """A CSR model's top-k is its autoencoder's: at most its latents (the library's
+    ``torch.topk`` fails above that). A SPLADE model takes any k."""
+    if (
+        isinstance(encoder, LatentSparseEncoder)
+        and top_k is not None
+        and not 1 <= top_k <= encoder.dimensions
+    ):
+        raise InvalidRequest(
+            f"Invalid value for 'dimensions': {top_k}. The model `{name}` keeps the top-k of "
+            f"its {encoder.dimensions} latents; ask for 1 to {encoder.dimensions}.",
+            param="dimensions",
+        )
+
+
 async def sparse_vectors(
     service: EmbeddingService,
     spec: ModelSpec,
@@ -92,8 +116,10 @@ async def sparse_vectors(
         prompt_name=prompt_name,
         truncate=truncate,
         truncation_side=truncation_side,
+        check=lambda encoder: check_top_k(spec.name, encoder, top_k),
     )
-    return SparseResult(non_zero(computed.rows, top_k), computed.prompt_tokens, spec.name)
+    vectors = vectors_of(computed.encoder, computed.rows, top_k)
+    return SparseResult(vectors, computed.prompt_tokens, spec.name)
 
 
 def render_openai(result: SparseResult) -> bytes:

@@ -84,6 +84,7 @@ async def embed_sparse(
         service,
         spec,
         data,
+        top_k=spec.dimensions,  # the models file's default top-k, as on /v1/embeddings
         prompt_name=request.prompt_name,
         truncate=request.truncate,
         truncation_side=side_of(request.truncation_direction),
