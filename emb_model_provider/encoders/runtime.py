@@ -71,6 +71,15 @@ class Pretrained:
     dtype: torch.dtype
 
 
+def fast_backend(hf_tokenizer: Any, where: Path) -> Tokenizer:
+    """The fast (``tokenizers``) tokenizer behind a transformers tokenizer: what the encoders
+    run (read-only, shared by request threads); a slow-only tokenizer is a ``SourceError``."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise SourceError(f"{where} has no fast (tokenizers) tokenizer")
+    return backend
+
+
 def load_pretrained(
     weights_dir: Path,
     auto_class: type[_BaseAutoModelClass],
@@ -94,9 +103,7 @@ def load_pretrained(
     except (OSError, ValueError, KeyError) as exc:
         message = " ".join(f"cannot load {what} from {weights_dir}: {exc}".split())
         raise SourceError(message) from exc
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-    if not isinstance(backend, Tokenizer):
-        raise SourceError(f"{weights_dir} has no fast (tokenizers) tokenizer")
+    backend = fast_backend(hf_tokenizer, weights_dir)
     return Pretrained(config, hf_tokenizer, backend, model, device, dtype)
 
 

@@ -61,6 +61,7 @@ from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.encoders.base import EncoderInput, LoadOptions, PreparedInput, Vectors
 from emb_model_provider.encoders.csr import CsrModel, is_csr, load_csr_encoder
 from emb_model_provider.encoders.runtime import (
+    fast_backend,
     load_pretrained,
     oom_releases_cache,
     refuse_custom_code,
@@ -487,9 +488,7 @@ def _static_route(
     except (OSError, ValueError, KeyError) as exc:
         message = " ".join(f"cannot load the tokenizer in {module_dir}: {exc}".split())
         raise SourceError(message) from exc
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-    if not isinstance(backend, Tokenizer):
-        raise SourceError(f"{module_dir} has no fast (tokenizers) tokenizer")
+    backend = fast_backend(hf_tokenizer, module_dir)
     weights_file = module_dir / "model.safetensors"
     if not weights_file.is_file():
         raise SourceError(

@@ -52,6 +52,7 @@ from emb_model_provider.encoders.base import (
     Vectors,
 )
 from emb_model_provider.encoders.runtime import (
+    fast_backend,
     oom_releases_cache,
     refuse_custom_code,
     release,
@@ -404,9 +405,7 @@ def load_text_encoder(
         )
     except (OSError, ValueError, KeyError) as exc:
         raise SourceError(_one_line(f"cannot load a model from {model_dir}: {exc}")) from exc
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-    if not isinstance(backend, Tokenizer):
-        raise SourceError(f"{model_dir} has no fast (tokenizers) tokenizer")
+    backend = fast_backend(hf_tokenizer, model_dir)
     positions = int(getattr(model.config, "max_position_embeddings", 512))
     limit = (
         max_input_tokens or config.max_seq_length or min(hf_tokenizer.model_max_length, positions)
