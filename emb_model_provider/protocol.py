@@ -56,6 +56,13 @@ EmbeddingInput = (
 Inputs = list[str] | list[list[int]] | list[ImageObject] | list[str | ImageObject]
 
 
+def _not_zero_tokens(value: int | None) -> int | None:
+    """vLLM's ``truncate_prompt_tokens``: -1 or a positive count (0 would embed nothing)."""
+    if value == 0:
+        raise ValueError("must be -1 (the model's limit) or at least 1")
+    return value
+
+
 class EmbeddingRequest(BaseModel):
     # OpenAI's SDK users send fields we do not know (extra_body, newer SDK options): accept them,
     # as vLLM's protocol does, and log their names at debug level.
@@ -79,9 +86,7 @@ class EmbeddingRequest(BaseModel):
     @field_validator("truncate_prompt_tokens")
     @classmethod
     def _not_zero(cls, value: int | None) -> int | None:
-        if value == 0:
-            raise ValueError("must be -1 (the model's limit) or at least 1")
-        return value
+        return _not_zero_tokens(value)
 
     @model_validator(mode="after")
     def _log_extra(self) -> EmbeddingRequest:
@@ -307,6 +312,15 @@ class RerankRequest(BaseModel):
     truncate: bool | None = None
     #: TEI: the end each member of an over-long pair is cut from (longest first).
     truncation_direction: TruncationDirection | None = None
+    #: vLLM's: keep at most this many tokens of each pair (special tokens included), cut
+    #: longest first from the model's side; -1: the model's limit. Truncates even where the
+    #: server refuses over-long pairs.
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _not_zero(cls, value: int | None) -> int | None:
+        return _not_zero_tokens(value)
 
     @model_validator(mode="after")
     def _documents_or_texts(self) -> RerankRequest:

@@ -218,13 +218,13 @@ class TokenCapping(Protocol):
         inputs: Sequence[EncoderInput],
         *,
         truncate: bool,
-        prompt: str | None = None,
         truncation_side: TruncationSide | None = None,
         max_tokens: int | None = None,
     ) -> list[PreparedInput]: ...
 
     token_caps: Literal[True]
-    #: Tokens the tokenizer adds to every text; a cap must be above it.
+    #: Tokens the tokenizer adds to every text (a reranker's: to every pair); a cap must be
+    #: above it.
     special_tokens: int
 
 

@@ -44,6 +44,8 @@ class TruncationModes:
         #: Special tokens the tokenizer adds to a text: a cap at or below it cannot truncate.
         processor = base.post_processor
         self.special_tokens = processor.num_special_tokens_to_add(False) if processor else 0
+        #: The same for a (query, document) pair.
+        self.pair_special_tokens = processor.num_special_tokens_to_add(True) if processor else 0
         self.full = Tokenizer.from_str(self._json)
         self.full.no_padding()
         self.full.no_truncation()

@@ -146,7 +146,7 @@ class EmbeddingService:
         spec, data = await self.request_data(request)
         if await self.task_of(spec) == "sparse":
             return await self._create_sparse(spec, data, request, background)
-        truncate, cap = _truncate_prompt_tokens(request.truncate_prompt_tokens)
+        truncate, cap = vllm_token_cap(request.truncate_prompt_tokens)
         result = await self.embed(
             spec,
             data,
@@ -188,7 +188,7 @@ class EmbeddingService:
         ``dimensions`` (the request's, else the models file's) keeps the top-k weights
         (``services/sparse.py``)."""
         sparse.refuse_encoding(spec, request.encoding_format)
-        truncate, cap = _truncate_prompt_tokens(request.truncate_prompt_tokens)
+        truncate, cap = vllm_token_cap(request.truncate_prompt_tokens)
         result = await sparse.sparse_vectors(
             self,
             spec,
@@ -616,7 +616,7 @@ def _text_prepare(
     return functools.partial(encoder.prepare, **options)
 
 
-def _truncate_prompt_tokens(value: int | None) -> tuple[bool | None, TokenCap | None]:
+def vllm_token_cap(value: int | None) -> tuple[bool | None, TokenCap | None]:
     """vLLM's ``truncate_prompt_tokens`` as (truncate, cap): any value truncates (None: the
     server's setting), -1 at the model's limit, N at N tokens (refused above the limit)."""
     if value is None:
