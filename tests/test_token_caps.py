@@ -2,7 +2,9 @@
 longer text) and vLLM's ``truncate_prompt_tokens`` on /v1/embeddings (cut from the model's
 truncation side; -1 is the model's limit; above it a 400), compared with sentence-transformers
 at ``max_seq_length = N`` on the same tiny models, through the ``cohere`` and ``openai`` SDKs.
-Usage counts the tokens embedded; capped and uncapped results never share a cache entry.
+vLLM's field on /v1/rerank caps each (query, document) pair as ``CrossEncoder`` at
+``max_seq_length = N`` does. Usage counts the tokens embedded; capped and uncapped results never
+share a cache entry.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from sentence_transformers import SentenceTransformer
+from sentence_transformers import CrossEncoder, SentenceTransformer
 from tokenizers import Tokenizer
 
 from benchmarks.families import build
+from benchmarks.rerankers import build_cross_encoder
 from benchmarks.sparse_models import build_splade
 from emb_model_provider.encoders import truncation
 from emb_model_provider.encoders.truncation import TruncationModes
@@ -71,6 +74,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             seed=13,
         ),
         "splade": build_splade(root / "splade", max_seq_length=MAX_LENGTH, seed=4),
+        "ce": build_cross_encoder("bert", root / "ce", max_length=MAX_LENGTH + 16),
     }
 
 
@@ -323,3 +327,41 @@ def test_capped_tokenizers_are_bounded(dirs: dict[str, Path]) -> None:
     # Left keeps the end, special tokens kept.
     left = modes.get(True, "left", 5).encode(text).ids
     assert left[1:-1] == modes.full.encode(text).ids[-4:-1]
+
+
+def test_truncate_prompt_tokens_on_rerank_is_cross_encoders(
+    server: str, dirs: dict[str, Path]
+) -> None:
+    query = " ".join(WORDS)
+    documents = [LONG, "a lazy dog", MEDIUM]
+    reference = CrossEncoder(str(dirs["ce"]), device="cpu")
+    reference.max_seq_length = CAP + 6
+    expected = reference.predict([(query, document) for document in documents])
+    whole = CrossEncoder(str(dirs["ce"]), device="cpu").predict([(query, MEDIUM)])
+    assert not np.allclose(whole[0], expected[2], atol=1e-4)  # the cap cut the MEDIUM pair
+    response = httpx.post(
+        f"{server}/v1/rerank",
+        json={
+            "model": "ce",
+            "query": query,
+            "documents": documents,
+            "truncate_prompt_tokens": CAP + 6,
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    scores = {item["index"]: item["relevance_score"] for item in body["results"]}
+    np.testing.assert_allclose([scores[i] for i in range(len(documents))], expected, atol=1e-5)
+    features = reference.tokenizer(
+        [query] * len(documents), documents, truncation=True, max_length=CAP + 6
+    )
+    assert body["usage"]["total_tokens"] == sum(len(ids) for ids in features["input_ids"])
+    # Three special tokens per pair ([CLS] q [SEP] d [SEP]): a cap of 3 leaves no room.
+    refused = httpx.post(
+        f"{server}/v1/rerank",
+        json={"model": "ce", "query": query, "documents": documents, "truncate_prompt_tokens": 3},
+        timeout=60,
+    )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "truncate_prompt_tokens"
