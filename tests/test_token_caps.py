@@ -20,12 +20,12 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from sentence_transformers import CrossEncoder, SentenceTransformer
+from sentence_transformers import CrossEncoder, SentenceTransformer, SparseEncoder
 from tokenizers import Tokenizer
 
 from benchmarks.families import build
 from benchmarks.rerankers import build_cross_encoder
-from benchmarks.sparse_models import build_splade
+from benchmarks.sparse_models import build_csr, build_splade
 from emb_model_provider.encoders import truncation
 from emb_model_provider.encoders.truncation import TruncationModes
 from emb_model_provider.registry import ModelSpec
@@ -74,6 +74,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             seed=13,
         ),
         "splade": build_splade(root / "splade", max_seq_length=MAX_LENGTH, seed=4),
+        "csr": build_csr(root / "csr", max_seq_length=MAX_LENGTH, seed=5),
         "ce": build_cross_encoder("bert", root / "ce", max_length=MAX_LENGTH + 16),
     }
 
@@ -257,15 +258,28 @@ def test_bad_truncate_prompt_tokens(oai: openai.OpenAI, value: object) -> None:
     assert body["param"] and "truncate_prompt_tokens" in body["param"]
 
 
-def test_truncate_prompt_tokens_on_a_model_that_cannot_cap(oai: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as refused:
-        oai.embeddings.create(
-            model="splade",
-            input=["a"],
-            encoding_format="float",
-            extra_body={"truncate_prompt_tokens": 4},
-        )
-    assert "does not take truncate_prompt_tokens" in str(refused.value)
+@pytest.mark.parametrize("name", ["splade", "csr"])
+def test_truncate_prompt_tokens_on_a_sparse_model_is_sparse_encoders(
+    oai: openai.OpenAI, dirs: dict[str, Path], name: str
+) -> None:
+    reference = SparseEncoder(str(dirs[name]), device="cpu")
+    reference.max_seq_length = CAP
+    rows = reference.encode(TEXTS, convert_to_sparse_tensor=False)
+    expected = np.asarray(rows.numpy() if hasattr(rows, "numpy") else rows)
+    response = oai.embeddings.create(
+        model=name,
+        input=TEXTS,
+        encoding_format="float",
+        extra_body={"truncate_prompt_tokens": CAP},
+    )
+    for item, want in zip(response.data, expected, strict=True):
+        embedding: Any = item.embedding  # {"indices", "values"}: the SDK keeps it as it came
+        assert embedding["indices"] == np.flatnonzero(want).tolist()
+        np.testing.assert_allclose(embedding["values"], want[embedding["indices"]], atol=1e-4)
+    features = reference.tokenize(TEXTS)
+    assert response.usage.prompt_tokens == int(features["attention_mask"].sum())
+    uncapped = oai.embeddings.create(model=name, input=[MEDIUM], encoding_format="float")
+    assert uncapped.data[0].embedding != response.data[2].embedding
 
 
 def test_capped_and_uncapped_are_cached_apart(oai: openai.OpenAI, server: str) -> None:
