@@ -12,7 +12,15 @@ from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from emb_model_provider.core.kinds import EncodingFormat, Modality, Task, TruncationSide
 from emb_model_provider.core.quantization import IntVectors
@@ -48,6 +56,13 @@ EmbeddingInput = (
 Inputs = list[str] | list[list[int]] | list[ImageObject] | list[str | ImageObject]
 
 
+def _not_zero_tokens(value: int | None) -> int | None:
+    """vLLM's ``truncate_prompt_tokens``: -1 or a positive count (0 would embed nothing)."""
+    if value == 0:
+        raise ValueError("must be -1 (the model's limit) or at least 1")
+    return value
+
+
 class EmbeddingRequest(BaseModel):
     # OpenAI's SDK users send fields we do not know (extra_body, newer SDK options): accept them,
     # as vLLM's protocol does, and log their names at debug level.
@@ -63,6 +78,15 @@ class EmbeddingRequest(BaseModel):
     #: Extension (the OpenAI SDK sends it through ``extra_body``): the model's prompt to
     #: prepend, e.g. "query"; without it the model's default prompt, if any.
     prompt_name: NonEmptyStr | None = None
+    #: Extension (vLLM's): keep at most this many tokens of each text, special tokens included,
+    #: cutting from the model's truncation side; -1: the model's limit. Truncates even where the
+    #: server refuses over-long texts.
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _not_zero(cls, value: int | None) -> int | None:
+        return _not_zero_tokens(value)
 
     @model_validator(mode="after")
     def _log_extra(self) -> EmbeddingRequest:
@@ -288,6 +312,15 @@ class RerankRequest(BaseModel):
     truncate: bool | None = None
     #: TEI: the end each member of an over-long pair is cut from (longest first).
     truncation_direction: TruncationDirection | None = None
+    #: vLLM's: keep at most this many tokens of each pair (special tokens included), cut
+    #: longest first from the model's side; -1: the model's limit. Truncates even where the
+    #: server refuses over-long pairs.
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _not_zero(cls, value: int | None) -> int | None:
+        return _not_zero_tokens(value)
 
     @model_validator(mode="after")
     def _documents_or_texts(self) -> RerankRequest:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from emb_model_provider.core.kinds import (
     FastBackend,
@@ -32,6 +32,7 @@ __all__ = [
     "RoutedEncoder",
     "SideTruncating",
     "TextPair",
+    "TokenCapping",
     "Vectors",
 ]
 
@@ -205,6 +206,26 @@ class SideTruncating(Protocol):
     #: The side over-long texts are cut from when a request names none: the model's
     #: tokenizer's saved ``truncation_side``.
     truncation_side: TruncationSide
+
+
+@runtime_checkable
+class TokenCapping(Protocol):
+    """An encoder of texts whose ``prepare`` takes a request's ``max_tokens`` (a cap below the
+    model's limit; ``encoders/truncation.py``)."""
+
+    def prepare(
+        self,
+        inputs: Sequence[EncoderInput],
+        *,
+        truncate: bool,
+        truncation_side: TruncationSide | None = None,
+        max_tokens: int | None = None,
+    ) -> list[PreparedInput]: ...
+
+    token_caps: Literal[True]
+    #: Tokens the tokenizer adds to every text (a reranker's: to every pair); a cap must be
+    #: above it.
+    special_tokens: int
 
 
 @runtime_checkable

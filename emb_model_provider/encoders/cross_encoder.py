@@ -80,6 +80,8 @@ def _pair(index: int, value: EncoderInput) -> tuple[str, str]:
 class CrossEncoderModel:
     modality: Literal["text"] = "text"
     task: Literal["rerank"] = "rerank"
+    #: ``prepare`` takes a request's ``max_tokens`` (``TokenCapping``).
+    token_caps: Literal[True] = True
 
     def __init__(
         self,
@@ -116,6 +118,8 @@ class CrossEncoderModel:
         self._tokenizers = TruncationModes(base, max_input_tokens, side=truncation_side)
         #: The side over-long inputs are cut from when a request names none.
         self.truncation_side: TruncationSide = truncation_side
+        #: Tokens added to every pair (``TokenCapping``): a request's cap must leave room.
+        self.special_tokens = self._tokenizers.pair_special_tokens
         self._forward_lock = threading.Lock()
         # Token types go in when the tokenizer returns them (its ``model_input_names``) and the
         # forward takes them, as in sentence-transformers; otherwise every token is segment 0.
@@ -138,11 +142,13 @@ class CrossEncoderModel:
         *,
         truncate: bool,
         truncation_side: TruncationSide | None = None,
+        max_tokens: int | None = None,
     ) -> list[PreparedInput]:
         # Pairs are cut longest first, each member from ``truncation_side``, as TEI's rerank
-        # and a Hugging Face tokenizer with that ``truncation_side`` cut them.
+        # and a Hugging Face tokenizer with that ``truncation_side`` cut them; ``max_tokens``
+        # (a request's cap, special tokens included) as the model's ``max_length`` would.
         pairs = [_pair(index, value) for index, value in enumerate(inputs)]
-        tokenizer = self._tokenizers.get(truncate, truncation_side)
+        tokenizer = self._tokenizers.get(truncate, truncation_side, max_tokens)
         encodings = tokenizer.encode_batch(pairs, add_special_tokens=True)
         return [
             PreparedInput(

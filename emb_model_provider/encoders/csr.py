@@ -83,6 +83,8 @@ class SparseAutoEncoderHead:
 class CsrModel:
     modality: Literal["text"] = "text"
     task: Literal["sparse"] = "sparse"
+    #: ``prepare`` takes a request's ``max_tokens`` (``TokenCapping``), as its prefix does.
+    token_caps: Literal[True] = True
 
     def __init__(
         self,
@@ -107,6 +109,7 @@ class CsrModel:
         self.prompts = prefix.prompts
         self.default_prompt_name = prefix.default_prompt_name
         self.truncation_side: TruncationSide = prefix.truncation_side
+        self.special_tokens = prefix.special_tokens
         self.placement = prefix.placement
         self.memory_bytes = prefix.memory_bytes + head.memory_bytes
         self.architecture = (
@@ -125,9 +128,14 @@ class CsrModel:
         truncate: bool,
         prompt: str | None = None,
         truncation_side: TruncationSide | None = None,
+        max_tokens: int | None = None,
     ) -> list[PreparedInput]:
         return self._prefix.prepare(
-            inputs, truncate=truncate, prompt=prompt, truncation_side=truncation_side
+            inputs,
+            truncate=truncate,
+            prompt=prompt,
+            truncation_side=truncation_side,
+            max_tokens=max_tokens,
         )
 
     def encode(self, batch: Sequence[PreparedInput]) -> Vectors:

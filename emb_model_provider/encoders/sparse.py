@@ -139,9 +139,14 @@ class SpladeRoute:
         self.pad_share: float | None = _CPU_PAD_SHARE if device.type == "cpu" else None
 
     def tokenize(
-        self, texts: list[str], *, truncate: bool, side: TruncationSide | None = None
+        self,
+        texts: list[str],
+        *,
+        truncate: bool,
+        side: TruncationSide | None = None,
+        max_tokens: int | None = None,
     ) -> list[npt.NDArray[np.int64]]:
-        tokenizer = self.tokenizers.get(truncate, side)
+        tokenizer = self.tokenizers.get(truncate, side, max_tokens)
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
         return [np.asarray(enc.ids, dtype=np.int64) for enc in encodings]
 
@@ -204,10 +209,15 @@ class StaticRoute:
         self.tokenizers = TruncationModes(base, max_input_tokens, side=truncation_side)
 
     def tokenize(
-        self, texts: list[str], *, truncate: bool, side: TruncationSide | None = None
+        self,
+        texts: list[str],
+        *,
+        truncate: bool,
+        side: TruncationSide | None = None,
+        max_tokens: int | None = None,
     ) -> list[npt.NDArray[np.int64]]:
         # ``SparseStaticEmbedding.preprocess`` tokenises without special tokens.
-        tokenizer = self.tokenizers.get(truncate, side)
+        tokenizer = self.tokenizers.get(truncate, side, max_tokens)
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(enc.ids, dtype=np.int64) for enc in encodings]
 
@@ -272,6 +282,8 @@ class _Tagged:
 class SparseModel:
     modality: Literal["text"] = "text"
     task: Literal["sparse"] = "sparse"
+    #: ``prepare`` takes a request's ``max_tokens`` (``TokenCapping``).
+    token_caps: Literal[True] = True
 
     def __init__(
         self,
@@ -311,6 +323,8 @@ class SparseModel:
         #: The side over-long inputs are cut from when a request names none: the tokenizer's
         #: saved side (for a Router, its first route's; a request naming a side sets it for all).
         self.truncation_side: TruncationSide = self._routes[0].tokenizers.side
+        #: The most special tokens a route's tokenizer adds (``TokenCapping``).
+        self.special_tokens = max(route.tokenizers.special_tokens for route in self._routes)
         self._forward_lock = threading.Lock()
 
     def prompt_text(self, name: str | None) -> str | None:
@@ -334,9 +348,11 @@ class SparseModel:
         prompt: str | None = None,
         route: str | None = None,
         truncation_side: TruncationSide | None = None,
+        max_tokens: int | None = None,
     ) -> list[PreparedInput]:
         """Token ids of ``inputs`` (``prompt`` prepended) for ``route`` (None: ``encode``'s),
-        over-long ones cut from ``truncation_side`` (None: the tokenizer's saved side)."""
+        over-long ones cut from ``truncation_side`` (None: the tokenizer's saved side), at
+        ``max_tokens`` when a request caps them lower."""
         if route is None:
             route = self.route(None)
         index = self._names.index(route) if route is not None else 0
@@ -344,7 +360,7 @@ class SparseModel:
         texts = [text_of(position, value) for position, value in enumerate(inputs)]
         if prompt:
             texts = [prompt + text for text in texts]
-        ids = runner.tokenize(texts, truncate=truncate, side=truncation_side)
+        ids = runner.tokenize(texts, truncate=truncate, side=truncation_side, max_tokens=max_tokens)
         if not truncate and runner.max_input_tokens < self.max_input_tokens:
             # The service checks the model's longest route; this route takes fewer.
             for row in ids:

@@ -116,6 +116,8 @@ def length_groups(lengths: Sequence[int], pad_share: float | None) -> list[tuple
 class TextEncoder:
     modality: Literal["text"] = "text"
     task: Literal["embed"] = "embed"
+    #: ``prepare`` takes a request's ``max_tokens`` (``TokenCapping``).
+    token_caps: Literal[True] = True
 
     def __init__(
         self,
@@ -155,6 +157,8 @@ class TextEncoder:
         if do_lower_case:
             lowercase(base)
         self._tokenizers = TruncationModes(base, max_input_tokens, side=truncation_side)
+        #: Tokens the tokenizer adds to every text (``TokenCapping``): a cap must leave room.
+        self.special_tokens = self._tokenizers.special_tokens
         #: The side over-long texts are cut from when a request names none.
         self.truncation_side: TruncationSide = truncation_side
         self._prompt_lengths = {text: self._prompt_length(text) for text in self.prompts.values()}
@@ -203,8 +207,15 @@ class TextEncoder:
         truncate: bool,
         prompt: str | None = None,
         truncation_side: TruncationSide | None = None,
+        max_tokens: int | None = None,
     ) -> list[PreparedInput]:
+        """``Encoder.prepare``; ``max_tokens`` caps each text below the model's limit (a
+        request's, special tokens and prompt included): cut at it, or, without ``truncate``,
+        a text over it is counted whole so that the service refuses it."""
         texts = [text_of(index, value) for index, value in enumerate(inputs)]
+        limit = (
+            self.max_input_tokens if max_tokens is None else min(max_tokens, self.max_input_tokens)
+        )
         skip = 0
         if prompt:
             texts = [prompt + text for text in texts]
@@ -213,18 +224,14 @@ class TextEncoder:
                 skip = known if known is not None else self._prompt_length(prompt)
         # The prompt is part of the text truncated: cutting from the left cuts it first, and
         # pooling still leaves out the first ``skip`` tokens, as sentence-transformers does.
-        tokenizer = self._tokenizers.get(truncate, truncation_side)
+        tokenizer = self._tokenizers.get(truncate, truncation_side, limit)
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
         # Usage counts the tokens pooled: a prompt the Pooling leaves out is not counted, unless
         # the whole is over the model's limit (truncation off), which the service then refuses.
         return [
             PreparedInput(
                 payload=TokenIds(np.asarray(enc.ids, dtype=np.int64), skip),
-                n_tokens=(
-                    len(enc.ids)
-                    if len(enc.ids) > self.max_input_tokens
-                    else max(len(enc.ids) - skip, 0)
-                ),
+                n_tokens=(len(enc.ids) if len(enc.ids) > limit else max(len(enc.ids) - skip, 0)),
             )
             for enc in encodings
         ]

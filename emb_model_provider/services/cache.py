@@ -2,9 +2,10 @@
 
 - The key is a SHA-256 of everything that decides a vector: the model's name, a fingerprint of
   its weights (hub commit, package version or a digest of the files, taken at load), modality,
-  the truncation length, flag and side (when ``left``), pooling, the dtype it runs in, and the
-  exact input (text after token-array decoding, image bytes after fetching). A changed model
-  gets new keys, so it never answers with the old vectors.
+  the truncation length, flag and side (when ``left``), a request's token cap (when set),
+  pooling, the dtype it runs in, and the exact input (text after token-array decoding, image
+  bytes after fetching). A changed model gets new keys, so it never answers with the old
+  vectors.
 - The value is the model's raw pooled vector (float32, full length) and the input's token count:
   ``dimensions``, L2 normalisation and ``encoding_format`` are applied after the cache, so one
   entry serves every variant, both image paths (normalised or raw) stay bit-identical to an
@@ -424,6 +425,7 @@ class ResultCache:
         prompt: str | None = None,
         route: str | None = None,
         truncation_side: str | None = None,
+        max_tokens: int | None = None,
     ) -> CacheScope:
         context = {
             "model": spec.name,
@@ -444,6 +446,10 @@ class ResultCache:
             # Cut from the start: other tokens than the default side's. Only this side adds to
             # the key, so that keys from before sides were chosen stay valid.
             context["truncation_side"] = truncation_side
+        if max_tokens is not None:
+            # A request's cap below the model's limit: other tokens, or refusals (truncation
+            # off). Only a cap adds to the key, so that uncapped keys stay valid.
+            context["max_tokens"] = max_tokens
         digest = hashlib.sha256(_KEY_VERSION)
         digest.update(json.dumps(context, sort_keys=True).encode())
         return CacheScope(digest.digest(), dimensions)

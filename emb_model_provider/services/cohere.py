@@ -4,7 +4,8 @@ onto the embedding service. Shapes follow the ``cohere`` SDK's types (``EmbedByT
 
 - ``texts`` or ``images`` (data URIs), ``model``, ``input_type``, ``embedding_types`` (several at
   once), ``truncate`` (``NONE`` refuses over-long texts, ``END`` cuts their end, ``START`` their
-  start), ``output_dimension`` (our ``dimensions``).
+  start), ``max_tokens`` (the tokens kept of each text, cut as ``truncate`` says; above the
+  model's limit: the model's limit), ``output_dimension`` (our ``dimensions``).
 - ``input_type`` ``search_query`` / ``search_document`` select the model's ``query`` / ``document``
   prompt, ``classification`` / ``clustering`` the prompt of that name, when the model has it;
   otherwise the model's default prompt applies, as on /v1/embeddings.
@@ -20,10 +21,9 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from emb_model_provider.core.errors import InvalidRequest
 from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject
-from emb_model_provider.services.embedding_service import EmbeddingService
+from emb_model_provider.services.embedding_service import EmbeddingService, TokenCap
 
 CohereInputType = Literal[
     "search_document", "search_query", "classification", "clustering", "image"
@@ -74,12 +74,6 @@ async def embed(
 ) -> tuple[bytes, str, int, int]:
     """The response body of a Cohere embed request and what it cost: (body, model, inputs,
     tokens)."""
-    if request.max_tokens is not None:
-        raise InvalidRequest(
-            "max_tokens is not supported: texts are cut at the model's own limit "
-            "(max_input_tokens in GET /v1/models).",
-            param="max_tokens",
-        )
     values: list[str | ImageObject]
     if request.images is not None:
         values = [ImageObject(image=image) for image in request.images]
@@ -100,6 +94,9 @@ async def embed(
         prompt_if_known=True,
         truncate=None if request.truncate is None else request.truncate != "NONE",
         truncation_side=_SIDE_OF_TRUNCATE.get(request.truncate or ""),
+        max_tokens=None
+        if request.max_tokens is None
+        else TokenCap(request.max_tokens, "max_tokens"),
     )
     types = request.embedding_types or ["float"]
     embeddings: dict[str, Any] = {}

@@ -33,6 +33,7 @@ from emb_model_provider.encoders.base import (
     PromptedEncoder,
     RoutedEncoder,
     SideTruncating,
+    TokenCapping,
     Vectors,
 )
 from emb_model_provider.protocol import EmbeddingRequest, ImageObject, Inputs, render_embeddings
@@ -57,6 +58,19 @@ class RequestLimits:
     max_inputs_per_request: int
     max_tokens_per_request: int
     truncate: bool
+
+
+@dataclass(frozen=True)
+class TokenCap:
+    """A request's cap on the tokens of each text, below the model's limit (Cohere's
+    ``max_tokens``, vLLM's ``truncate_prompt_tokens``): special tokens and the prompt count.
+    Truncation cuts texts at it; with truncation off a longer text is refused."""
+
+    tokens: int
+    #: The request field, named in errors.
+    param: str
+    #: A cap above the model's limit: a 400 (vLLM), else the model's limit (Cohere).
+    refuse_above_limit: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +146,7 @@ class EmbeddingService:
         spec, data = await self.request_data(request)
         if await self.task_of(spec) == "sparse":
             return await self._create_sparse(spec, data, request, background)
+        truncate, cap = vllm_token_cap(request.truncate_prompt_tokens)
         result = await self.embed(
             spec,
             data,
@@ -139,6 +154,8 @@ class EmbeddingService:
             normalize=spec.normalize,
             background=background,
             prompt_name=request.prompt_name,
+            truncate=truncate,
+            max_tokens=cap,
         )
         encoding_format = request.encoding_format or "float"
         vectors: Vectors | IntVectors = result.vectors
@@ -171,6 +188,7 @@ class EmbeddingService:
         ``dimensions`` (the request's, else the models file's) keeps the top-k weights
         (``services/sparse.py``)."""
         sparse.refuse_encoding(spec, request.encoding_format)
+        truncate, cap = vllm_token_cap(request.truncate_prompt_tokens)
         result = await sparse.sparse_vectors(
             self,
             spec,
@@ -178,6 +196,8 @@ class EmbeddingService:
             top_k=request.dimensions or spec.dimensions,
             prompt_name=request.prompt_name,
             background=background,
+            truncate=truncate,
+            max_tokens=cap,
         )
         body = sparse.render_openai(result)
         return Reply(body, result.model, len(result.vectors), result.prompt_tokens)
@@ -272,6 +292,7 @@ class EmbeddingService:
         truncate: bool | None = None,
         prompt_if_known: bool = False,
         truncation_side: TruncationSide | None = None,
+        max_tokens: TokenCap | None = None,
     ) -> Embedded:
         """Vectors for ``data``: the first ``dimensions`` components (None: the model's
         default size), L2-normalised when asked (Matryoshka-style: a prefix of a unit vector is
@@ -279,7 +300,8 @@ class EmbeddingService:
         model's default) is prepended to every text; with ``prompt_if_known`` a name the model
         lacks falls back to that default (Cohere's ``input_type``). ``truncate`` (None: the
         server's setting) cuts over-long texts, from ``truncation_side`` (None: the model's
-        tokenizer's side), or refuses them."""
+        tokenizer's side), or refuses them; ``max_tokens`` caps each text below the model's
+        limit."""
         computed = await self.run(
             spec,
             data,
@@ -289,6 +311,7 @@ class EmbeddingService:
             prompt_if_known=prompt_if_known,
             truncate=truncate,
             truncation_side=truncation_side,
+            max_tokens=max_tokens,
             check=lambda encoder: self._check_dimensions(dimensions, encoder.dimensions),
         )
         vectors = computed.rows
@@ -312,12 +335,13 @@ class EmbeddingService:
         truncate: bool | None = None,
         check: Callable[[Encoder], None] | None = None,
         truncation_side: TruncationSide | None = None,
+        max_tokens: TokenCap | None = None,
     ) -> Computed:
         """What every task shares: the model (refused when it serves another task), ``check``
         of the loaded encoder, the prompt, the result cache, tokenisation, the context and
         per-request token limits, and the dynamic batcher. ``truncate``: the request's choice,
         else the server's; ``truncation_side``: the end over-long texts are cut from, else the
-        model's."""
+        model's; ``max_tokens``: the request's cap on each text (``TokenCap``)."""
         known = self._models.registry.task(spec)
         if known is not None:  # refused before a load
             check_task(spec, known, task)
@@ -334,15 +358,16 @@ class EmbeddingService:
             prompt = _prompt(spec, encoder, prompt_name)
             route = _route(spec, encoder, prompt_name)
             side = _side(encoder, truncate, truncation_side)
+            cap = _cap(spec, encoder, max_tokens)
             if self.cache.enabled and model.fingerprint is not None:
                 rows, prompt_tokens = await self._embed_cached(
-                    model, data, background, prompt, truncate, side=side, route=route
+                    model, data, background, prompt, truncate, side=side, route=route, cap=cap
                 )
             else:
                 prepared = await self._prepare(
-                    model.encoder, data, prompt, truncate, side, route=route
+                    model.encoder, data, prompt, truncate, side, route=route, cap=cap
                 )
-                prompt_tokens = self._check_tokens(prepared, model)
+                prompt_tokens = self._check_tokens(prepared, model, cap=cap)
                 rows = _stack(await model.batcher.embed(prepared, background=background))
         return Computed(rows, prompt_tokens, model.encoder, model.dimensions)
 
@@ -356,6 +381,7 @@ class EmbeddingService:
         *,
         side: TruncationSide | None,
         route: str | None = None,
+        cap: TokenCap | None = None,
     ) -> tuple[Vectors, int]:
         """Raw vectors and tokens through the result cache: only the inputs it does not hold
         (and nobody is computing) go to the model; usage counts every input."""
@@ -372,15 +398,18 @@ class EmbeddingService:
             prompt=prompt,
             route=route,
             truncation_side=side,
+            max_tokens=None if cap is None else cap.tokens,
         )
 
         async def compute(indices: list[int], tokens_known: int) -> list[CachedVector]:
             subset = [data[index] for index in indices]
             try:
-                prepared = await self._prepare(encoder, subset, prompt, truncate, side, route=route)
+                prepared = await self._prepare(
+                    encoder, subset, prompt, truncate, side, route=route, cap=cap
+                )
             except BadInput as exc:  # name the input by its place in the request
                 raise BadInput(indices[exc.index], exc.reason, code=exc.code) from exc
-            self._check_tokens(prepared, model, tokens_known=tokens_known)
+            self._check_tokens(prepared, model, tokens_known=tokens_known, cap=cap)
             rows = await model.batcher.embed(prepared, background=background)
             return [
                 CachedVector.of(row, item.n_tokens)
@@ -401,6 +430,7 @@ class EmbeddingService:
         side: TruncationSide | None = None,
         *,
         route: str | None = None,
+        cap: TokenCap | None = None,
     ) -> list[PreparedInput]:
         """Tokenise (a thread of the pool: tokenizers is Rust, no torch) or decode and preprocess
         images (where the encoder says: the model thread on CPU, as the image processors run
@@ -418,7 +448,7 @@ class EmbeddingService:
                 prepared = await _prepare_images(encoder, data, truncate=truncate)
             else:
                 prepared = await asyncio.to_thread(
-                    _text_prepare(encoder, truncate, side, prompt, route), data
+                    _text_prepare(encoder, truncate, side, prompt, route, cap=cap), data
                 )
             if current is not None:
                 current.set_attribute("emb.tokens", sum(item.n_tokens for item in prepared))
@@ -514,12 +544,26 @@ class EmbeddingService:
             )
 
     def _check_tokens(
-        self, prepared: list[PreparedInput], model: LoadedModel, *, tokens_known: int = 0
+        self,
+        prepared: list[PreparedInput],
+        model: LoadedModel,
+        *,
+        tokens_known: int = 0,
+        cap: TokenCap | None = None,
     ) -> int:
-        """Tokens of ``prepared``, checked against the model's context and (with the
-        ``tokens_known`` of the request's other inputs) the per-request limit."""
+        """Tokens of ``prepared``, checked against the model's context (or the request's
+        ``cap``) and (with the ``tokens_known`` of the request's other inputs) the per-request
+        limit."""
         limit = model.encoder.max_input_tokens
         for item in prepared:
+            if cap is not None and item.n_tokens > cap.tokens:  # truncation off
+                raise InvalidRequest(
+                    f"An input has {item.n_tokens} tokens, more than the {cap.param} of "
+                    f"{cap.tokens} tokens per input; raise {cap.param}, or let over-long texts "
+                    "be truncated.",
+                    param=cap.param,
+                    code="context_length_exceeded",
+                )
             if item.n_tokens > limit:  # only possible when truncation is off
                 raise ContextLengthExceeded(limit, item.n_tokens)
         total = sum(item.n_tokens for item in prepared)
@@ -553,6 +597,8 @@ def _text_prepare(
     side: TruncationSide | None,
     prompt: str | None = None,
     route: str | None = None,
+    *,
+    cap: TokenCap | None = None,
 ) -> Callable[[Sequence[EncoderInput]], list[PreparedInput]]:
     """``encoder.prepare`` of texts with a request's options: the prompt where the encoder takes
     prompts, the side only where one applies (``_side``), the route where the model has routes
@@ -565,7 +611,50 @@ def _text_prepare(
         options["truncation_side"] = side
     if route is not None and isinstance(encoder, RoutedEncoder):
         options["route"] = route
+    if cap is not None:  # only a TokenCapping encoder gets one (``_cap``)
+        options["max_tokens"] = cap.tokens
     return functools.partial(encoder.prepare, **options)
+
+
+def vllm_token_cap(value: int | None) -> tuple[bool | None, TokenCap | None]:
+    """vLLM's ``truncate_prompt_tokens`` as (truncate, cap): any value truncates (None: the
+    server's setting), -1 at the model's limit, N at N tokens (refused above the limit)."""
+    if value is None:
+        return None, None
+    if value == -1:
+        return True, None
+    return True, TokenCap(value, "truncate_prompt_tokens", refuse_above_limit=True)
+
+
+def _cap(spec: ModelSpec, encoder: Encoder, requested: TokenCap | None) -> TokenCap | None:
+    """The cap a request's texts get: None when it asks none, when the model takes images only
+    (nothing to cut), or when the model's own limit is as low (the model's limit wins). A cap
+    above the limit is refused where the request's API says so (vLLM's)."""
+    if requested is None or encoder.modality == "image":
+        return None
+    limit = encoder.max_input_tokens
+    if requested.tokens > limit and requested.refuse_above_limit:
+        raise InvalidRequest(
+            f"{requested.param}={requested.tokens} is more than the {limit} tokens the model "
+            f"`{spec.name}` takes; ask for 1 to {limit}, or -1 for the model's limit.",
+            param=requested.param,
+        )
+    if requested.tokens >= limit:
+        return None
+    if not isinstance(encoder, TokenCapping):
+        raise InvalidRequest(
+            f"The model `{spec.name}` does not take {requested.param}: its texts are cut at "
+            f"its own limit of {limit} tokens.",
+            param=requested.param,
+        )
+    if requested.tokens <= encoder.special_tokens:
+        raise InvalidRequest(
+            f"{requested.param}={requested.tokens} leaves no room for text: the model "
+            f"`{spec.name}` adds {encoder.special_tokens} special tokens to each; ask for at least "
+            f"{encoder.special_tokens + 1}.",
+            param=requested.param,
+        )
+    return requested
 
 
 def _side(

@@ -21,7 +21,7 @@ from emb_model_provider.core.kinds import TruncationSide
 from emb_model_provider.encoders.base import Encoder, EncoderInput, RerankEncoder
 from emb_model_provider.protocol import RerankRequest, render_rerank
 from emb_model_provider.registry import ModelSpec, Registry
-from emb_model_provider.services.embedding_service import EmbeddingService, Reply
+from emb_model_provider.services.embedding_service import EmbeddingService, Reply, vllm_token_cap
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class RerankService:
             truncate=request.truncate,
             truncation_side=request.truncation_side(),
             background=background,
+            truncate_prompt_tokens=request.truncate_prompt_tokens,
         )
         body = render_rerank(
             result.ranked,
@@ -99,8 +100,10 @@ class RerankService:
         truncate: bool | None = None,
         background: bool = False,
         truncation_side: TruncationSide | None = None,
+        truncate_prompt_tokens: int | None = None,
     ) -> Ranked:
-        """Score each (query, document) pair with ``spec``'s reranker and rank them."""
+        """Score each (query, document) pair with ``spec``'s reranker and rank them;
+        ``truncate_prompt_tokens`` (vLLM's) caps each pair."""
         limit = self._limits.max_documents_per_request
         if len(documents) > limit:
             raise InvalidRequest(
@@ -109,6 +112,10 @@ class RerankService:
                 param="documents",
             )
         pairs: list[EncoderInput] = [(query, document) for document in documents]
+        if truncate_prompt_tokens is not None:
+            truncate, cap = vllm_token_cap(truncate_prompt_tokens)
+        else:
+            cap = None
         computed = await self._embeddings.run(
             spec,
             pairs,
@@ -116,6 +123,7 @@ class RerankService:
             background=background,
             truncate=truncate,
             truncation_side=truncation_side,
+            max_tokens=cap,
             check=lambda encoder: _one_label(spec, encoder),
         )
         logits = computed.rows

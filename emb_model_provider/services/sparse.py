@@ -26,7 +26,7 @@ from emb_model_provider.encoders.base import Encoder, EncoderInput, LatentSparse
 from emb_model_provider.registry import ModelSpec
 
 if TYPE_CHECKING:  # the service imports this module to route sparse models here
-    from emb_model_provider.services.embedding_service import EmbeddingService
+    from emb_model_provider.services.embedding_service import EmbeddingService, TokenCap
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ async def sparse_vectors(
     truncate: bool | None = None,
     background: bool = False,
     truncation_side: TruncationSide | None = None,
+    max_tokens: TokenCap | None = None,
 ) -> SparseResult:
     """The sparse vectors of ``data`` (texts) from ``spec``'s SPLADE model."""
     computed = await service.run(
@@ -116,6 +117,7 @@ async def sparse_vectors(
         prompt_name=prompt_name,
         truncate=truncate,
         truncation_side=truncation_side,
+        max_tokens=max_tokens,
         check=lambda encoder: check_top_k(spec.name, encoder, top_k),
     )
     vectors = vectors_of(computed.encoder, computed.rows, top_k)
